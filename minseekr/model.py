@@ -1,0 +1,302 @@
+"""A LLaMA-2 / Vicuna decoder in plain PyTorch that hands out its attention.
+
+The same function as `transformers.LlamaForCausalLM`, written to be read in one sitting:
+RMSNorm, RoPE in HF's rotate-half layout, SwiGLU, multi-head or grouped-query attention, tied or
+untied output head. Parameter names are HF's verbatim (`model.layers.3.self_attn.q_proj.weight`),
+so `state_dict()` keys are the safetensors keys and a head is one slice away.
+
+Attention runs on `scaled_dot_product_attention`. Two ways out of it:
+- `return_attn=True` computes every layer's softmax explicitly and returns the (B, H, S, S)
+  probabilities, the values HF gives with eager attention and `output_attentions=True`.
+- `probe=fn` is the hook point the SEEKR machinery stands on. Every attention layer calls
+  `fn(layer, q, k, v, out)` with its post-RoPE queries (B, H, S, D), keys and values
+  (B, H_kv, S_kv, D) and per-head output `out = A·V` (B, H, S, D) before `o_proj`, all still in
+  the autograd graph. A probe can therefore recompute selected attention rows from q and k
+  (distillation, forgettability) or register a hook on `out` to read ∂L/∂O (sensitivity), while
+  the layer itself keeps SDPA and never materialises an S×S map it was not asked for.
+
+Positions follow the padding mask: with `attention_mask` (1 = real token) the position of a token
+is the number of real tokens before it, so left- or right-padded batches give every real token the
+logits of its unpadded sequence. A padded query row attends to itself only, which keeps softmax
+finite without touching real rows.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# config.json keys that carry no architecture (bookkeeping, generation defaults, training-only
+# settings that are no-ops here); everything else must be understood or refused.
+_INFORMATIONAL_KEYS = {
+    "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "pad_token_id", "initializer_range", "pretraining_tp", "max_sequence_length", "output_attentions",
+    "output_hidden_states", "return_dict",
+}
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096                 # residual width (hidden_size)
+    n_layers: int = 32              # transformer blocks
+    n_heads: int = 32               # query heads
+    n_kv_heads: int | None = None   # key/value heads; fewer than n_heads is GQA; None = n_heads
+    vocab_size: int = 32000
+    hidden_dim: int = 11008         # SwiGLU inner width (intermediate_size)
+    head_dim: int | None = None     # None = dim // n_heads
+    norm_eps: float = 1e-5          # RMSNorm epsilon
+    rope_theta: float = 10000.0     # RoPE base
+    max_seq_len: int = 4096         # max_position_embeddings
+    tie_embeddings: bool = False    # lm_head shares embed_tokens' weight
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        """Read every architecture value from an HF LLaMA config; refuse what is not implemented."""
+        cfg = dict(cfg)
+        def refuse(why):
+            raise ValueError(f"{source}: {why}")
+        if (kind := cfg.pop("model_type", "llama")) != "llama":
+            refuse(f"model_type must be 'llama', got {kind!r}")
+        if (act := cfg.pop("hidden_act", "silu")) != "silu":
+            refuse(f"hidden_act must be 'silu' (SwiGLU), got {act!r}")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.pop(key, False):
+                refuse(f"{key}=true is not supported (LLaMA-2 has no biases)")
+        if cfg.pop("attention_dropout", 0.0):
+            refuse("attention_dropout > 0 is not supported")
+        # 2023 form: top-level rope_theta and rope_scaling; current form: rope_parameters.
+        rope = cfg.pop("rope_parameters", None) or {}
+        scaling = cfg.pop("rope_scaling", None) or {}
+        theta = rope.get("rope_theta", cfg.pop("rope_theta", 10000.0))
+        cfg.pop("rope_theta", None)
+        for name, section in (("rope_parameters", rope), ("rope_scaling", scaling)):
+            kind = section.get("rope_type", section.get("type", "default"))
+            if kind != "default":
+                refuse(f"{name}.rope_type={kind!r} is not supported (only plain RoPE)")
+        try:
+            args = cls(
+                dim=cfg.pop("hidden_size"),
+                n_layers=cfg.pop("num_hidden_layers"),
+                n_heads=cfg.pop("num_attention_heads"),
+                n_kv_heads=cfg.pop("num_key_value_heads", None),
+                vocab_size=cfg.pop("vocab_size"),
+                hidden_dim=cfg.pop("intermediate_size"),
+                head_dim=cfg.pop("head_dim", None),
+                norm_eps=cfg.pop("rms_norm_eps", 1e-6),
+                rope_theta=float(theta),
+                max_seq_len=cfg.pop("max_position_embeddings", 4096),
+                tie_embeddings=cfg.pop("tie_word_embeddings", False),
+                bos_id=cfg.pop("bos_token_id", 1),
+                eos_id=cfg.pop("eos_token_id", 2),
+            )
+        except KeyError as e:
+            refuse(f"missing required key {e.args[0]!r}")
+        unknown = sorted(set(cfg) - _INFORMATIONAL_KEYS)
+        if unknown:
+            refuse(f"unsupported keys {unknown}")
+        return args
+
+    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The config.json that transformers' LlamaForCausalLM loads as this model."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "vocab_size": self.vocab_size,
+            "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": None,
+            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32, cast back before the scale, as HF does (the order matters in bf16).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin (B, 1, S, D) for integer positions (B, S), in HF's fp32 recipe."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq                  # (B, S, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                  # (B, 1, S, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding; `pos` counts the cached tokens."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0
+
+    def update(self, layer: int, k, v):
+        """Write k, v (B, H_kv, S, D) after the cached prefix; return the keys and values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KVCache holds {self.k.shape[3]} tokens, asked for {end}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, return_attn=False, probe=None):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, S, D)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)                                         # (B, Hkv, Skv, D)
+        probs = None
+        if return_attn:
+            rep = self.n_heads // self.n_kv_heads
+            scores = q @ k.repeat_interleave(rep, 1).transpose(-2, -1) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~mask, float("-inf"))                          # (B, H, S, Skv)
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = probs @ v.repeat_interleave(rep, 1)                                    # (B, H, S, D)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+        if probe is not None:
+            probe(self.layer, q, k, v, out)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1)), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, return_attn=False, probe=None):
+        h, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, return_attn, probe)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        # A ModuleDict named `model` reproduces HF's `model.` prefix in state_dict keys.
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args, i) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps),
+        ))
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share embed_tokens' weight with lm_head when the config ties them (again after assign-loading)."""
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Every initialisation in one place: N(0, std) for matrices and embeddings, ones for norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, tokens, attention_mask=None, *, cache: KVCache | None = None,
+                return_attn: bool = False, probe=None):
+        """Logits (B, S, V) for tokens (B, S); with return_attn also a list of (B, H, S, Skv) maps.
+
+        `attention_mask` (B, Skv) marks real tokens with 1 and covers the cached prefix plus `tokens`.
+        """
+        B, S = tokens.shape
+        start = cache.pos if cache is not None else 0
+        device = tokens.device
+        if attention_mask is None:
+            positions = (start + torch.arange(S, device=device)).expand(B, S)
+            key_valid = None
+        else:
+            key_valid = attention_mask.to(device=device, dtype=torch.bool)
+            if key_valid.shape != (B, start + S):
+                raise ValueError(f"attention_mask has shape {tuple(key_valid.shape)}, expected {(B, start + S)}")
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        mask = None
+        if key_valid is not None or cache is not None or return_attn:
+            q_idx = start + torch.arange(S, device=device)[:, None]
+            k_idx = torch.arange(start + S, device=device)[None, :]
+            mask = (k_idx <= q_idx).expand(B, 1, S, start + S)                         # (B, 1, S, Skv)
+            if key_valid is not None:
+                mask = (mask & key_valid[:, None, None, :]) | (k_idx == q_idx)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        maps = []
+        for block in self.model.layers:
+            x, probs = block(x, cos, sin, mask, cache, return_attn, probe)
+            maps.append(probs)
+        if cache is not None:
+            cache.pos += S
+        logits = self.lm_head(self.model.norm(x))
+        return (logits, maps) if return_attn else logits
+
+
+def token_losses(logits, labels):
+    """Cross-entropy (B, S-1) of each next-token prediction in fp32; labels aligned with the input, -100 ignored."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+
+
+def sequence_loss(logits, labels):
+    """Each sample's mean cross-entropy over its labelled tokens (B,): the L(x, y) of Eq. 1."""
+    losses = token_losses(logits, labels)
+    n = (labels[:, 1:] != -100).sum(-1)
+    return losses.sum(-1) / n.clamp(min=1)
