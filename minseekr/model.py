@@ -191,7 +191,7 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv_heads
             scores = q @ k.repeat_interleave(rep, 1).transpose(-2, -1) / math.sqrt(self.head_dim)
             scores = scores.masked_fill(~mask, float("-inf"))                          # (B, H, S, Skv)
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
             out = probs @ v.repeat_interleave(rep, 1)                                    # (B, H, S, D)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,

@@ -1,0 +1,129 @@
+"""Score every head along a chain of checkpoints and draw the paper's Fig. 4 and Fig. 5.
+
+    python tools/head_maps.py --checkpoints base/ after_fomc/ --tasks data/FOMC --out runs/head_maps
+
+`--checkpoints` are HF directories M_0, M_1, ..., M_K and `--tasks` the K TRACE task folders
+(`<task>/train.json`, a list of {"prompt", "answer"}) trained between them. For task k the first
+`--samples` records (the replay buffer R_k, as the official code takes it) give S^k from M_k and F^k
+from M_{k-1} → M_k; at most two models are loaded at once. Written to --out:
+- importance.png: the importance I = S·F of every head, layers × heads (Fig. 5);
+- variation.png: the histogram of every head's cumulative attention variation F (Fig. 4);
+- head_scores.safetensors: the per-task S^k and F^k (`minseekr.heads.HeadScores`).
+The heads selected with --layer-budget/--head-budget are printed. `head_maps()` does the same for models
+and batches already in memory.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from minseekr.checkpoint import load_hf
+from minseekr.heads import HeadScores, forgettability, sample_query_rows, task_sensitivity
+from minseekr.tokenizer import Tokenizer
+
+
+def task_batches(task_dir, tokenizer, n_samples, max_len, batch_size):
+    """The first n_samples records of <task_dir>/train.json as left-padded batches (BOS prompt answer EOS)."""
+    records = json.loads((Path(task_dir) / "train.json").read_text())[:n_samples]
+    if not records:
+        raise ValueError(f"{task_dir}/train.json has no records")
+    encoded = [tokenizer.encode_example(r["prompt"], r["answer"], max_len) for r in records]
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        S = max(len(ids) for ids, _ in chunk)
+        batch = {"input_ids": torch.full((len(chunk), S), tokenizer.pad_id),
+                 "labels": torch.full((len(chunk), S), -100),
+                 "attention_mask": torch.zeros(len(chunk), S, dtype=torch.long)}
+        for b, (ids, labels) in enumerate(chunk):
+            batch["input_ids"][b, S - len(ids):] = torch.tensor(ids)
+            batch["labels"][b, S - len(ids):] = torch.tensor(labels)
+            batch["attention_mask"][b, S - len(ids):] = 1
+        batches.append(batch)
+    return batches
+
+
+def score_task(scores, name, before, after, batches, query_budget, seed=0):
+    """Add task `name`'s S^k (on M_k = after) and F^k (before → after, at B_T sampled rows) to `scores`."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = None
+    if query_budget:
+        rows = [sample_query_rows(b["attention_mask"], query_budget, generator) for b in batches]
+    scores.add_task(name, task_sensitivity(after, batches), forgettability(after, before, batches, rows=rows))
+
+
+def draw(scores, out_dir):
+    """importance.png (Fig. 5) and variation.png (Fig. 4) from the accumulated scores."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.25 * scores.n_heads), max(3.0, 1 + 0.2 * scores.n_layers)))
+    im = ax.imshow(scores.importance().numpy(), origin="lower", aspect="auto", cmap="viridis")
+    ax.set(xlabel="head", ylabel="layer", title=f"importance I = S·F ({len(scores.tasks)} tasks)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out_dir / "importance.png", dpi=150)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(scores.forgettability.flatten().numpy(), bins=40)
+    ax.set(xlabel="cumulative attention variation F", ylabel="heads", title="variation of attention weights")
+    fig.tight_layout()
+    fig.savefig(out_dir / "variation.png", dpi=150)
+    plt.close(fig)
+
+
+def head_maps(models, task_batches_list, out_dir, *, names=None, query_budget=100, layer_budget=24,
+              head_budget=128, seed=0):
+    """Score the chain `models` (K+1 Transformers or a lazy sequence of them) on K tasks; draw, save, select."""
+    scores, before = None, None
+    names = names or [f"task{k + 1}" for k in range(len(task_batches_list))]
+    for k, after in enumerate(models):
+        if before is not None:
+            if scores is None:
+                scores = HeadScores(after.args.n_layers, after.args.n_heads)
+            score_task(scores, names[k - 1], before, after, task_batches_list[k - 1], query_budget, seed + k)
+        before = after
+    if scores is None:
+        raise ValueError("head_maps needs at least two models (M_0 and M_1)")
+    draw(scores, out_dir)
+    scores.save(Path(out_dir) / "head_scores.safetensors")
+    layer_budget = min(layer_budget, scores.n_layers)
+    head_budget = min(head_budget, layer_budget * scores.n_heads)
+    return scores, scores.select(layer_budget, head_budget)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoints", nargs="+", required=True, help="HF dirs M_0 ... M_K")
+    p.add_argument("--tasks", nargs="+", required=True, help="K TRACE task folders, the k-th trained M_{k-1} → M_k")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: tokenizer.model in the first checkpoint)")
+    p.add_argument("--out", default="runs/head_maps")
+    p.add_argument("--samples", type=int, default=50, help="records per task (the replay buffer R_k)")
+    p.add_argument("--query-budget", type=int, default=100, help="B_T rows for forgettability; 0 = every row")
+    p.add_argument("--layer-budget", type=int, default=24, help="B_L (capped at the layer count)")
+    p.add_argument("--head-budget", type=int, default=128, help="B_H (capped at B_L × heads)")
+    p.add_argument("--max-len", type=int, default=1536)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if len(args.tasks) != len(args.checkpoints) - 1:
+        p.error(f"--tasks needs one folder per step: {len(args.checkpoints) - 1} for "
+                f"{len(args.checkpoints)} checkpoints, got {len(args.tasks)}")
+    tokenizer = Tokenizer(args.tokenizer or Path(args.checkpoints[0]) / "tokenizer.model")
+    batches = [task_batches(t, tokenizer, args.samples, args.max_len, args.batch_size) for t in args.tasks]
+    models = (load_hf(c, dtype=torch.float32) for c in args.checkpoints)   # lazily: two alive at a time
+    names = [Path(t).name for t in args.tasks]
+    scores, selected = head_maps(models, batches, args.out, names=names, query_budget=args.query_budget,
+                                 layer_budget=args.layer_budget, head_budget=args.head_budget, seed=args.seed)
+    print(f"wrote {args.out}/importance.png, variation.png, head_scores.safetensors (tasks: {scores.tasks})")
+    print(f"{len(selected)} heads selected in {len({l for l, _ in selected})} layers:")
+    for layer in sorted({l for l, _ in selected}):
+        print(f"  layer {layer}: heads {[h for l, h in selected if l == layer]}")
+
+
+if __name__ == "__main__":
+    main()
