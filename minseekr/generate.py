@@ -1,0 +1,75 @@
+"""Batched autoregressive generation: greedy (what TRACE evaluates) or temperature + nucleus sampling.
+
+Prompts of different lengths are left-padded into one (B, T) block so that every sequence's next
+token sits in the last column; the attention mask marks real tokens, and the model derives each
+token's position from it, so a padded prompt gets exactly the logits of the unpadded one. The
+prompt is run once to fill a `KVCache` (prefill); each later step feeds only the B new tokens and
+a mask covering the cached prefix plus them. `use_cache=False` re-runs the whole sequence every
+step instead: slower, with no cache involved, the reference the cached path is tested against.
+
+A sequence stops at its first EOS, which is included in what it returns (so a caller can tell an
+answer that ended from one cut at `max_new_tokens`; `Tokenizer.decode` drops it). After that its
+column is fed `pad_id` with mask 0 and ignored; the loop ends when all sequences have stopped.
+"""
+import torch
+
+from minseekr.model import KVCache
+
+
+def next_token(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None):
+    """The next token (B,) from last-position logits (B, V): argmax, or a sample from the top-p nucleus."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest prefix of the sorted tokens whose mass reaches top_p: a token stays if the
+    # mass before it is still short of top_p. The most likely token always stays.
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    keep[:, 0] = True
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)                # (B, 1)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int | None = None,
+             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """The new tokens of each prompt, up to and including its first EOS, at most max_new_tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or not 0 <= top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    weight = model.model.embed_tokens.weight
+    B, T = len(prompts), max(len(p) for p in prompts)
+    total = T + max_new_tokens
+    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=weight.device)
+    mask = torch.zeros(B, total, dtype=torch.long, device=weight.device)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p):T] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):T] = 1
+    done = torch.zeros(B, dtype=torch.bool, device=weight.device)
+    cache = KVCache(model.args, B, total, dtype=weight.dtype, device=weight.device) if use_cache else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            end = T
+            logits = model(tokens[:, :T], mask[:, :T], cache=cache)[:, -1]
+            for _ in range(max_new_tokens):
+                new = next_token(logits, temperature, top_p, generator)
+                tokens[:, end] = torch.where(done, pad_id, new)
+                mask[:, end] = (~done).long()
+                if eos_id is not None:
+                    done |= new == eos_id
+                end += 1
+                if done.all() or end == total:
+                    break
+                if use_cache:
+                    logits = model(tokens[:, end - 1:end], mask[:, :end], cache=cache)[:, -1]
+                else:
+                    logits = model(tokens[:, :end], mask[:, :end])[:, -1]
+    finally:
+        model.train(was_training)
+    return [row[T:end][m[T:end].bool()].tolist() for row, m in zip(tokens, mask)]
