@@ -1,5 +1,98 @@
-"""Evaluation entry point (not built yet: see the open continual-learning issue)."""
+"""Evaluate a continual-learning run, or one checkpoint, with greedy KV-cache generation.
+
+    python eval.py runs/superni-seekr                      # every task checkpoint of a run: R, OP, BWT, FWT
+    python eval.py --model DIR --data ROOT --tasks a,b     # one checkpoint on the test sets of some task folders
+    python eval.py runs/x --general ROOT/mmlu,ROOT/gsm     # also GA before (base model) and after (last task), ΔGA
+
+Answers are extracted with the official TRACE rules and scored with each task's metric (0-100). A run
+directory is one that `train.py --model ...` wrote (its run.json names the model, data and order); the
+built-in demo prints its own matrices.
+"""
+import argparse
+import json
 import sys
+from pathlib import Path
+
+from minseekr.checkpoint import load_hf
+from minseekr.continual import evaluate
+from minseekr.data import load_sequence, load_task
+from minseekr.metrics import (backward_transfer, delta_general_ability, format_matrix, forward_transfer,
+                              general_ability, overall_performance)
+from minseekr.tokenizer import Tokenizer
+
+
+def evaluate_run(run: Path, ns):
+    spec_file = run / "run.json"
+    if not spec_file.is_file():
+        sys.exit(f"eval.py: {spec_file} not found: RUN_DIR must be a directory written by train.py --model ...")
+    spec = json.loads(spec_file.read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    order = spec["order"] if spec["order"].startswith("order") else spec["order"].split(",")
+    tasks, _ = load_sequence(order, spec["data"])
+    tok = Tokenizer(spec["tokenizer"] or str(Path(spec["model"]) / "tokenizer.model"))
+    samples, max_len = ns.samples or cfg["eval_samples"], cfg["max_len"]
+    new_tokens = ns.max_new_tokens or cfg["max_new_tokens"]
+    score = lambda model, task: evaluate(model, tok, task, samples, max_len, new_tokens)
+    base_model = load_hf(spec["model"])
+    base = [score(base_model, t) for t in tasks]
+    T = len(tasks)
+    R = [[None] * T for _ in range(T)]
+    for i in range(T):
+        ckpt = run / "checkpoints" / f"task{i + 1:02d}"
+        if not (ckpt / "config.json").is_file():
+            sys.exit(f"eval.py: {ckpt} is missing: the run stopped before task {i + 1} finished")
+        model = load_hf(ckpt)
+        for j in range(min(i + 2, T)):
+            R[i][j] = score(model, tasks[j])
+            print(f"after task {i + 1} ({tasks[i].name}) on {tasks[j].name}: {R[i][j]:.2f}", flush=True)
+    names = [t.name for t in tasks]
+    out = {"tasks": names, "R": R, "base": base, "OP": overall_performance(R),
+           "BWT": backward_transfer(R, over_all_tasks=ns.bwt_over_all_tasks), "FWT": forward_transfer(R, base)}
+    print(format_matrix(R, names))
+    print(f"OP {out['OP']:.2f}  BWT {out['BWT']:.2f}  FWT {out['FWT']:.2f}")
+    if ns.general:
+        general = [load_task(f) for f in ns.general.split(",")]
+        before = {t.name: score(base_model, t) for t in general}
+        after = {t.name: score(model, t) for t in general}
+        out.update(GA_before=general_ability(before), GA_after=general_ability(after),
+                   dGA=delta_general_ability(before, after), general_before=before, general_after=after)
+        print(f"GA {out['GA_before']:.2f} -> {out['GA_after']:.2f}  (ΔGA {out['dGA']:+.2f})")
+    return out
+
+
+def evaluate_model(ns):
+    if not ns.data or not ns.tasks:
+        sys.exit("eval.py: --model needs --data ROOT and --tasks a,b,...")
+    model = load_hf(ns.model)
+    tok = Tokenizer(ns.tokenizer or str(Path(ns.model) / "tokenizer.model"))
+    tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
+    scores = {t.name: evaluate(model, tok, t, ns.samples, ns.max_len, ns.max_new_tokens or 512) for t in tasks}
+    for name, value in scores.items():
+        print(f"{name}: {value:.2f}")
+    return {"model": ns.model, "scores": scores}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", help="a run directory written by train.py")
+    parser.add_argument("--model", help="an HF checkpoint directory, instead of a run")
+    parser.add_argument("--tokenizer", default="", help="tokenizer.model (default: MODEL/tokenizer.model)")
+    parser.add_argument("--data", help="folder holding the task folders (with --model)")
+    parser.add_argument("--tasks", help="comma-separated task folders (with --model)")
+    parser.add_argument("--general", default="", help="comma-separated general-ability task folders (GA, ΔGA)")
+    parser.add_argument("--samples", type=int, default=0, help="test records per task (0: the run's, or all)")
+    parser.add_argument("--max-len", type=int, default=1536, help="prompt tokens kept (with --model)")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the run's setting, or 512")
+    parser.add_argument("--bwt-over-all-tasks", action="store_true", help="BWT divided by T (the official code)")
+    parser.add_argument("--out", default="", help="JSON file for the results (default: RUN/eval.json)")
+    ns = parser.parse_args(argv)
+    if bool(ns.run) == bool(ns.model):
+        parser.error("give either RUN_DIR or --model DIR")
+    out = evaluate_run(Path(ns.run), ns) if ns.run else evaluate_model(ns)
+    path = Path(ns.out or (Path(ns.run) / "eval.json" if ns.run else "eval.json"))
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
 
 if __name__ == "__main__":
-    sys.exit("eval.py: evaluation is not built yet (see README).")
+    main()
