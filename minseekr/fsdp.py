@@ -1,0 +1,449 @@
+"""Fully sharded data parallel (ZeRO-3) for minseekr's Transformer, written out by hand.
+
+ZeRO-3 in one page. With N ranks, every rank keeps 1/N of each parameter, of its gradient and of its AdamW
+moments, all in fp32 (the master copy). A module's full weights exist only while it runs: they are
+all-gathered (in the compute dtype, bf16 on GPUs) just before its forward and freed right after, gathered
+again for its backward, and its gradient is reduce-scattered (fp32; ÷N then SUM, a mean over ranks like
+DDP and FSDP2) straight into the fp32 gradient shard. The optimiser then updates only the local shards.
+
+Units. One unit per transformer block (`model.model.layers[i]`) and one root unit (embeddings, final norm,
+lm_head; a tied lm_head is the same tensor, stored once). A unit's parameters are flattened into one
+vector padded to a multiple of N (FSDP1's FlatParameter); rank r owns the slice [r·S, (r+1)·S). In forward
+the gathered vector becomes one leaf tensor and a single `split()` gives every parameter's view, so
+autograd hands back one flat gradient and fires one post-accumulate-grad hook per unit.
+
+Lifecycle (FSDP2's words):
+    pre-forward      unshard: all-gather into the unit's buffer; new flat leaf + views; prefetch the next unit
+    post-forward     reshard: `untyped_storage().resize_(0)` (autograd's saved views keep the storage object);
+                     hook the outputs (and the tensors a `probe` sees) with pre-backward
+    pre-backward     unshard again into the same storage; prefetch the unit before; queue end-of-backward once
+    post-backward    flat grad -> fp32, ÷N, async reduce-scatter (waited at the next one), += grad shard; reshard
+    end-of-backward  reshard every unit: frozen units and `autograd.grad(loss, probe tensors)` never reach
+                     post-backward. The root unit stays gathered from its forward to its backward (as in FSDP2).
+With activation checkpointing a block's forward (hooks included) runs again inside backward; while
+`in_backward` the hooks only unshard, so the recompute reuses the original views.
+
+Memory per rank for P parameters, c bytes per compute element, U the largest unit:
+    16·P/N (fp32 shard 4 + grad 4 + AdamW moments 8)  +  c·(2U + root)  (running unit, prefetched unit)
+    + (c + 4)·U for a unit's gradient + 4·U per reduce-scatter in flight (two at most)  +  activations.
+
+Gradient accumulation reduce-scatters every micro-batch into the fp32 grad shard (memory stays flat).
+Because gradients are averaged over ranks, a rank's loss must be its share of the global loss times N:
+`token_losses(...).sum() * world / global_token_count`, which makes uneven per-rank batches exact.
+
+Supported: tied embeddings, frozen units, GQA, `probe` hooks, activation checkpointing, bf16 compute,
+sharded checkpoints (resume on the same world size), HF safetensors export and streaming HF load.
+Not supported: mixed requires_grad inside one unit, re-sharding a checkpoint to another world size,
+KV-cache decoding across units (use an exported model), torch.compile of the hooks.
+"""
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+from minseekr.model import ModelArgs, Transformer
+
+# torch 2.13 deprecates the *_into_tensor / *_tensor names for *_single (same signatures).
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_distributed():
+    """(rank, world, device) from torchrun's environment; a plain `python` run is a world of one."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # before the process group, or NCCL binds every rank to GPU 0
+        kwargs = dict(backend="nccl", device_id=device)
+    else:
+        device, kwargs = torch.device("cpu"), dict(backend="gloo")
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(**kwargs)
+        else:  # one code path for world 1: a process group of one over an in-memory store
+            dist.init_process_group(**kwargs, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    """In-place all-reduce across ranks (e.g. head scores, token counts); returns the tensor."""
+    dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast(tensor, src=0):
+    """In-place broadcast from rank `src`; returns the tensor."""
+    dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def _atomic_write(path, write):
+    """write(tmp) then rename, so a crash never leaves a half-written file under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+class Unit:
+    """The parameters of one module as a padded flat fp32 shard, with its grad shard and AdamW moments."""
+
+    def __init__(self, model, named, rank, world, device, compute_dtype):
+        params, index, self.names, self.slots = [], {}, [], []
+        for name, p in named:  # tied names share one flat range (the first name is the HF key)
+            if id(p) not in index:
+                index[id(p)] = len(params)
+                params.append(p)
+                self.names.append(name)
+            module_name, _, attr = name.rpartition(".")
+            self.slots.append((model.get_submodule(module_name), attr, index[id(p)]))
+        if len({p.requires_grad for p in params}) > 1:
+            raise ValueError(f"unit of {self.names[0]}: mixed requires_grad inside one unit is not supported")
+        self.requires_grad = params[0].requires_grad
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.offsets = [sum(self.numels[:i]) for i in range(len(params))]
+        self.world = world
+        self.padded = -(-sum(self.numels) // world) * world
+        self.pad = self.padded - sum(self.numels)
+        S = self.padded // world
+        self.lo, self.hi = rank * S, (rank + 1) * S
+        self.shard = torch.zeros(S, device=device)
+        with torch.no_grad():
+            for i, a, b, lo, hi in self.owned():
+                if not params[i].is_meta:
+                    self.shard[a:b] = params[i].reshape(-1)[lo:hi]
+        # Weight decay iff dim >= 2 (nanoGPT's rule), as shard ranges: padding and norms fall outside.
+        self.decay = [(a, b) for i, a, b, _, _ in self.owned() if len(self.shapes[i]) >= 2]
+        if self.requires_grad:
+            self.grad, self.exp_avg, self.exp_avg_sq = (torch.zeros_like(self.shard) for _ in range(3))
+        self.gathered, self.work, self.send, self.live, self.reducing = False, None, None, 0, None
+        for module, attr, _ in self.slots:
+            module._parameters.pop(attr, None)  # the shard is the parameter now; modules get views
+        self.buffer = torch.empty(self.padded, dtype=compute_dtype, device=device)  # all-gather target
+        self.install_views(None)  # views have the right shapes between forwards (split checks the storage size)
+        self.reshard()
+
+    def owned(self):
+        """(param index, shard start, shard end, param-flat start, param-flat end) for each piece this rank owns."""
+        for i, (o, n) in enumerate(zip(self.offsets, self.numels)):
+            lo, hi = max(o, self.lo), min(o + n, self.hi)
+            if lo < hi:
+                yield i, lo - self.lo, hi - self.lo, lo - o, hi - o
+
+    def unshard(self, async_op=False):
+        """All-gather the full flat parameter into the buffer (a no-op when gathered); wait unless async."""
+        if not self.gathered:
+            self.buffer.untyped_storage().resize_(self.buffer.numel() * self.buffer.element_size())
+            self.send = self.shard.to(self.buffer.dtype)  # held until the gather is waited on
+            self.work = all_gather(self.buffer, self.send, async_op=True)
+            self.gathered = True
+        if not async_op:
+            self.wait()
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()
+            self.work = self.send = None
+
+    def reshard(self):
+        """Free the gathered storage; autograd's saved views keep pointing at the (now empty) storage."""
+        self.wait()
+        self.buffer.untyped_storage().resize_(0)
+        self.gathered = False
+
+    def install_views(self, post_backward):
+        """A fresh flat leaf over the buffer and one split() into every parameter's view."""
+        full = self.buffer.data  # .data, not .detach(): a fresh version counter survives the in-place re-gather
+        if post_backward is not None:
+            full.requires_grad_(True)
+            full.register_post_accumulate_grad_hook(post_backward)
+            self.live += 1
+        views = full.split(self.numels + [self.pad])
+        for module, attr, i in self.slots:
+            setattr(module, attr, views[i].view(self.shapes[i]))
+
+    def reduce_grad(self, full):
+        """Start the mean over ranks of the flat gradient (fp32, ÷world then SUM); finish_reduce adds it."""
+        self.finish_reduce()
+        grad = full.grad.float().div_(self.world)
+        full.grad = None
+        out = torch.empty_like(self.shard)
+        self.reducing = (reduce_scatter(out, grad, async_op=True), out, grad)  # tensors held until waited
+
+    def finish_reduce(self):
+        if self.reducing is not None:
+            work, out, _ = self.reducing
+            work.wait()
+            self.grad += out
+            self.reducing = None
+
+
+class FSDP:
+    """Shards `model` (a minseekr Transformer) over the default process group; `engine.model` runs it."""
+
+    def __init__(self, model: Transformer, device="cpu", compute_dtype=None, activation_checkpointing=False,
+                 prefetch=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.model, self.rank, self.world = model, dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(device)
+        if compute_dtype is None:  # bf16 on GPUs; fp32 on the CPU, where bf16 matmuls are slow
+            compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.betas, self.eps, self.weight_decay, self.step = betas, eps, weight_decay, 0
+        self.prefetch, self.in_backward, self._reducing = prefetch, False, None
+        named = list(model.named_parameters(remove_duplicate=False))
+        blocks = list(model.model.layers)
+        groups = [[(n, p) for n, p in named if not n.startswith("model.layers.")]]
+        groups += [[(n, p) for n, p in named if n.startswith(f"model.layers.{i}.")] for i in range(len(blocks))]
+        self.units = [Unit(model, g, self.rank, self.world, self.device, compute_dtype) for g in groups]
+        self.root = self.units[0]
+        self.layer_unit = dict(enumerate(self.units[1:]))
+        # The root runs first and is done last; prefetch follows forward order, then backward order.
+        self._next_forward = dict(zip(self.units, self.units[1:]))
+        backward_order = [self.root] + self.units[:0:-1]
+        self._next_backward = dict(zip(backward_order, backward_order[1:]))
+        for unit, module in zip(self.units, [model] + blocks):
+            forward = partial(self._forward, unit, module.forward)
+            if activation_checkpointing and unit is not self.root:
+                forward = partial(checkpoint, forward, use_reentrant=False)
+            module.forward = forward  # an instance attribute: nn.Module.__call__ runs it
+
+    def _forward(self, unit, forward, *args, **kwargs):
+        self._pre_forward(unit)
+        if kwargs.get("probe") is not None:  # only the root is called with probe= by keyword
+            kwargs["probe"] = partial(self._probe, kwargs["probe"])
+        out = forward(*args, **kwargs)
+        if not self.in_backward:  # post-forward; an activation-checkpoint recompute keeps the unit gathered
+            if unit is not self.root or not torch.is_grad_enabled():
+                unit.reshard()
+            self._hook_pre_backward(unit, out if isinstance(out, tuple) else (out,))
+        return out
+
+    def _pre_forward(self, unit):
+        unit.unshard()
+        if self.in_backward:  # recompute: the original views are what autograd saved; keep them
+            return
+        if self.prefetch and unit in self._next_forward:
+            self._next_forward[unit].unshard(async_op=True)
+        grad = unit.requires_grad and torch.is_grad_enabled()
+        unit.install_views(partial(self._post_backward, unit) if grad else None)
+
+    def _probe(self, probe, layer, q, k, v, out):
+        # A loss built from probe tensors alone (attention distillation) reaches a block's weights without
+        # passing its output, so these tensors get the block's pre-backward too.
+        if not self.in_backward:
+            self._hook_pre_backward(self.layer_unit[layer], (q, k, v, out))
+        probe(layer, q, k, v, out)  # also during a recompute: checkpoint needs the same saved tensors
+
+    def _hook_pre_backward(self, unit, tensors):
+        for t in tensors:  # blocks return (x, attention map or None); the root logits or (logits, maps)
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda grad, unit=unit: self._pre_backward(unit))
+
+    def _enter_backward(self):
+        if not self.in_backward:
+            self.in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _pre_backward(self, unit):
+        self._enter_backward()
+        unit.unshard()
+        if self.prefetch and unit in self._next_backward:
+            self._next_backward[unit].unshard(async_op=True)
+
+    def _post_backward(self, unit, full):
+        self._enter_backward()
+        unit.reduce_grad(full)
+        if self._reducing not in (None, unit):  # overlap this reduce-scatter with the next unit's backward
+            self._reducing.finish_reduce()
+        self._reducing = unit
+        unit.live -= 1
+        if unit.live <= 0:  # another forward's graph (summed losses) may still need the gathered weights
+            unit.reshard()
+
+    def _end_of_backward(self):
+        for unit in self.units:
+            unit.finish_reduce()
+            unit.reshard()
+            unit.live = 0
+        self.in_backward, self._reducing = False, None
+
+    def trainable(self):
+        return [u for u in self.units if u.requires_grad]
+
+    def zero_grad(self):
+        for u in self.trainable():
+            u.grad.zero_()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm):
+        """Scale grads by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global L2 norm (as torch); return ‖g‖."""
+        sq = all_reduce(torch.stack([u.grad.pow(2).sum() for u in self.trainable()]).sum())
+        norm = sq.sqrt()  # padding gradients are exact zeros and add nothing
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for u in self.trainable():
+            u.grad.mul_(coef)
+        return norm
+
+    @torch.no_grad()
+    def optimizer_step(self, lr):
+        """One AdamW step (Loshchilov & Hutter) on the local shards, in torch.optim.AdamW's arithmetic."""
+        self.step += 1
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** self.step, 1 - beta2 ** self.step
+        for u in self.trainable():
+            for a, b in u.decay:  # decoupled weight decay
+                u.shard[a:b].mul_(1 - lr * self.weight_decay)
+            u.exp_avg.lerp_(u.grad, 1 - beta1)
+            u.exp_avg_sq.mul_(beta2).addcmul_(u.grad, u.grad, value=1 - beta2)
+            denom = (u.exp_avg_sq.sqrt() / bias2 ** 0.5).add_(self.eps)
+            u.shard.addcdiv_(u.exp_avg, denom, value=-lr / bias1)
+
+    def layout(self):
+        """What a sharded checkpoint must agree on: world size and every unit's names, shapes and padding."""
+        return {"world": self.world, "units": [{"names": u.names, "shapes": [list(s) for s in u.shapes],
+                                                "padded": u.padded} for u in self.units]}
+
+    def save_sharded(self, path, meta=None):
+        """Each rank writes rank{r}.safetensors (shards + AdamW state); rank 0 writes manifest.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, u in enumerate(self.units):
+            tensors[f"unit{i}.shard"] = u.shard
+            if u.requires_grad:
+                tensors[f"unit{i}.exp_avg"], tensors[f"unit{i}.exp_avg_sq"] = u.exp_avg, u.exp_avg_sq
+        tensors = {k: v.cpu() for k, v in tensors.items()}
+        _atomic_write(path / f"rank{self.rank:05d}.safetensors", partial(save_file, tensors))
+        if self.rank == 0:
+            manifest = {**self.layout(), "step": self.step, "betas": list(self.betas), "eps": self.eps,
+                        "weight_decay": self.weight_decay, "model": asdict(self.model.args), "meta": meta}
+            _atomic_write(path / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        dist.barrier()
+
+    @torch.no_grad()
+    def load_sharded(self, path):
+        """Restore shards, AdamW state and step saved by save_sharded at this world size; return its meta."""
+        path = Path(path)
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest["world"] != self.world:
+            raise ValueError(f"{path}/manifest.json: saved at world size {manifest['world']}, this run has "
+                             f"{self.world}; resume on the same world size")
+        if manifest["units"] != self.layout()["units"]:
+            raise ValueError(f"{path}/manifest.json: unit layout differs from this model's (another architecture?)")
+        with safe_open(str(path / f"rank{self.rank:05d}.safetensors"), "pt") as f:
+            for i, u in enumerate(self.units):
+                u.shard.copy_(f.get_tensor(f"unit{i}.shard"))
+                if u.requires_grad:
+                    u.exp_avg.copy_(f.get_tensor(f"unit{i}.exp_avg"))
+                    u.exp_avg_sq.copy_(f.get_tensor(f"unit{i}.exp_avg_sq"))
+        self.step = manifest["step"]
+        return manifest["meta"]
+
+    @torch.no_grad()
+    def full_tensors(self):
+        """Yield (HF name, full fp32 tensor) one unit at a time; every rank must iterate (one all-gather per unit)."""
+        for u in self.units:
+            flat = torch.empty(u.padded, device=self.device)
+            all_gather(flat, u.shard)
+            for name, shape, t in zip(u.names, u.shapes, flat.split(u.numels + [u.pad])):
+                yield name, t.view(shape)
+
+    def export_hf(self, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30):
+        """Write an HF LLaMA directory (config.json, model*.safetensors, index if several); all ranks call it."""
+        path, parts, current, total = Path(path), [], {}, 0
+        n_tensors = sum(len(u.names) for u in self.units)
+        if self.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        for i, (name, t) in enumerate(self.full_tensors(), 1):  # rank 0 holds at most one file's worth
+            if self.rank == 0:
+                current[name] = t.to("cpu", dtype, copy=True)
+                total += current[name].nbytes
+                if sum(v.nbytes for v in current.values()) >= max_shard_bytes or i == n_tensors:
+                    parts.append(list(current))
+                    save_file(current, str(path / f"part{len(parts)}.tmp"))
+                    current.clear()
+        if self.rank == 0:  # final names once the number of files is known
+            n = len(parts)
+            files = [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+            files = files if n > 1 else ["model.safetensors"]
+            for k, file in enumerate(files, 1):
+                os.replace(path / f"part{k}.tmp", path / file)
+            if n > 1:
+                weight_map = {t: f for f, ts in zip(files, parts) for t in ts}
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+            (path / "config.json").write_text(json.dumps(self.model.args.to_hf_config(dtype), indent=1))
+        dist.barrier()
+
+    @torch.no_grad()
+    def load_hf(self, path):
+        """Copy an HF checkpoint's values into this rank's shards, reading only the flat ranges it owns."""
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").exists():
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{path}: expected model.safetensors or model.safetensors.index.json")
+        with contextlib.ExitStack() as stack:
+            files = {}
+            for u in self.units:
+                for i, a, b, lo, hi in u.owned():
+                    name, shape = u.names[i], u.shapes[i]
+                    file = path / (weight_map.get(name, "?") if weight_map else "model.safetensors")
+                    if file not in files and file.exists():
+                        files[file] = stack.enter_context(safe_open(str(file), "pt"))
+                    if file not in files or name not in files[file].keys():
+                        raise KeyError(f"{path}: tensor {name!r} (shape {list(shape)}) is missing")
+                    tensor = files[file].get_slice(name)
+                    if list(tensor.get_shape()) != list(shape):
+                        raise ValueError(f"{file}: tensor {name!r} has shape {tensor.get_shape()}, "
+                                         f"expected {list(shape)}")
+                    row = math.prod(shape[1:])  # read whole rows covering [lo, hi), never the whole tensor
+                    r0, r1 = lo // row, -(-hi // row)
+                    u.shard[a:b] = tensor[r0:r1].reshape(-1)[lo - r0 * row:hi - r0 * row]
+
+
+def load_hf_sharded(path, **fsdp_kwargs) -> FSDP:
+    """An FSDP engine over an HF LLaMA directory; the model is built on meta, no rank holds it whole."""
+    config = Path(path) / "config.json"
+    args = ModelArgs.from_hf_config(json.loads(config.read_text()), str(config))
+    with torch.device("meta"):
+        model = Transformer(args)
+    engine = FSDP(model, **fsdp_kwargs)
+    engine.load_hf(path)
+    return engine
+
+
+def apply_torch_fsdp(model, device, compute_dtype=torch.float32, activation_checkpointing=False):
+    """PyTorch's own FSDP2 (`fully_shard`) on the same units, one per block then the root, for comparison."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        if activation_checkpointing:
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def decay_groups(model, weight_decay):
+    """torch.optim param groups with nanoGPT's rule: decay matrices and embeddings (dim >= 2), not norms."""
+    return [{"params": [p for p in model.parameters() if (p.dim() >= 2) == decay], "weight_decay": wd}
+            for decay, wd in ((True, weight_decay), (False, 0.0))]
