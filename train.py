@@ -36,6 +36,7 @@ class RunConfig:
     train_samples: int = 0   # first N training records per task (0 = all): quick runs
     test_samples: int = 0    # first N test records per task kept in the run (0 = all)
     demo_seeds: str = "0"    # demo only: comma-separated seeds to repeat the comparison over
+    demo_methods: str = "seqft,replay,seekr"  # demo only: the methods compared
 
 
 def add_flags(parser, cls):
@@ -58,8 +59,8 @@ def pick(cls, ns):
 
 # ---- the built-in demo -----------------------------------------------------------------------------------
 DEMO_TASKS = ["rev", "rot", "swp", "evn"]
-DEMO = dict(lr=2e-3, weight_decay=0.0, batch_size=32, epochs=[6], max_len=32, replay_ratio=0.02, lambda1=0.5,
-            lambda2=1.0, layer_budget=2, head_budget=4, query_budget=8, eval_samples=200, max_new_tokens=8,
+DEMO = dict(lr=1e-3, weight_decay=0.0, batch_size=32, epochs=[10], max_len=32, replay_ratio=0.05, lambda1=0.5,
+            lambda2=100.0, layer_budget=2, head_budget=4, query_budget=12, eval_samples=200, max_new_tokens=8,
             log_every=20)
 
 
@@ -74,25 +75,26 @@ def demo_base(weights: Path, tok_path: Path):
         return load_hf(weights), tok
     print("pre-training the demo's base model on the copy task (once; cached in weights/demo) ...")
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=128,
+    # The smallest size that learns all four permutations jointly (dim 64 x 2 layers cannot hold `rev` with the others).
+    model = Transformer(ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=256,
                                   max_seq_len=32, tie_embeddings=True))
     model.init_weights()
-    cfg = ContinualConfig(**{**DEMO, "method": "seqft", "epochs": [4], "lr": 3e-3})
+    cfg = ContinualConfig(**{**DEMO, "method": "seqft", "epochs": [4]})
     base = [Task("cpy", make_records("cpy", 2000, seed=0), [], make_records("cpy", 100, seed=1))]
     ContinualTrainer(model, tok, base, cfg, weights / "pretrain-run", eval_fn=lambda t: 0.0).train_task(0)
     save_hf(model, weights)
     return model, tok
 
 
-def run_demo(run: RunConfig):
+def run_demo(run: RunConfig, overrides: dict):
     from minseekr.synthetic import make_records
     root = Path(__file__).parent
     base, tok = demo_base(root / "weights" / "demo", root / "weights" / "demo" / "tokenizer.model")
     results = {}
     for seed in [int(s) for s in run.demo_seeds.split(",")]:
         tasks = [Task(t, make_records(t, 1000, seed), [], make_records(t, 200, seed + 1000)) for t in DEMO_TASKS]
-        for method in ("seqft", "replay", "seekr"):
-            cfg = ContinualConfig(**{**DEMO, "method": method, "seed": seed})
+        for method in run.demo_methods.split(","):
+            cfg = ContinualConfig(**{**DEMO, **overrides, "method": method, "seed": seed})
             out = Path(run.out) / f"demo-seed{seed}" / method
             summary = ContinualTrainer(copy.deepcopy(base), tok, tasks, cfg, out).run_all()
             results.setdefault(method, []).append(summary)
@@ -117,7 +119,11 @@ def main(argv=None):
     if run.threads:
         torch.set_num_threads(run.threads)
     if not run.model:
-        return run_demo(run)
+        # The demo's model is tiny: one thread beats several (and several fight over a shared CPU).
+        torch.set_num_threads(run.threads or 1)
+        given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ContinualConfig)
+                 if getattr(ns, f.name) != parser.get_default(f.name)}
+        return run_demo(run, given)
     if not run.data or not run.order:
         parser.error("--model needs --data ROOT and --order NAME (or comma-separated task folders)")
     cfg = pick(ContinualConfig, ns)
