@@ -18,20 +18,14 @@ Bytes per sample, signals in bf16: 2·a·V (logits) + 2·|H|·T·n (attention), 
 `teacher_heads="selected"` and n_layers·n_heads for `"all"` (8x more at LLaMA-2-7B's 1024 heads and B_H=128).
 """
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minseekr.checkpoint import atomic_write
 from minseekr.kl import attention_rows
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[int, int]]) -> None:
@@ -39,11 +33,11 @@ def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[i
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {f"{i}.{key}": t.contiguous() for i, s in enumerate(samples) for key, t in s.items()}
-    _atomic(root / f"task{k:02d}.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(root / f"task{k:02d}.safetensors", lambda p: save_file(tensors, str(p)))
     manifest = {"name": name, "heads": [list(h) for h in heads], "n_samples": len(samples),
                 "lengths": [int(s["input_ids"].numel()) for s in samples],
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    _atomic(root / f"task{k:02d}.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    atomic_write(root / f"task{k:02d}.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
 class TaskMemory:

@@ -179,7 +179,7 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
-def _atomic_write(file: Path, write):
+def atomic_write(file: Path, write):
     """Call write(tmp) on a temporary name beside `file`, then move it into place in one step."""
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     try:
@@ -210,14 +210,14 @@ def save_hf(model: Transformer, path, max_shard_size="5GB", dtype: torch.dtype |
     for shard, names_in in zip(names, shards):
         # One shard at a time is cast and moved to the CPU, so saving adds at most a shard of memory.
         tensors = {k: params[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in names_in}
-        _atomic_write(path / shard, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path / shard, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         del tensors
     config = json.dumps(model.args.to_hf_config(dtype), indent=2)
-    _atomic_write(path / "config.json", lambda tmp: tmp.write_text(config))
+    atomic_write(path / "config.json", lambda tmp: tmp.write_text(config))
     if n > 1:
         index = {"metadata": {"total_size": sum(p.numel() * dtype.itemsize for p in params.values())},
                  "weight_map": {k: shard for shard, names_in in zip(names, shards) for k in names_in}}
-        _atomic_write(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+        atomic_write(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     # Stale files of an earlier save: the single file before the shards it would shadow, index before shards.
     stale = [SINGLE_FILE] if n > 1 else [INDEX_FILE]
     stale += sorted(f.name for f in path.iterdir() if _SHARD_NAME.fullmatch(f.name) and f.name not in names)

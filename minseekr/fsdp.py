@@ -50,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from minseekr.checkpoint import atomic_write
 from minseekr.model import ModelArgs, Transformer
 
 # torch 2.13 deprecates the *_into_tensor / *_tensor names for *_single (same signatures).
@@ -89,13 +90,6 @@ def broadcast(tensor, src=0):
     """In-place broadcast from rank `src`; returns the tensor."""
     dist.broadcast(tensor, src=src)
     return tensor
-
-
-def _atomic_write(path, write):
-    """write(tmp) then rename, so a crash never leaves a half-written file under the final name."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 class Unit:
@@ -326,11 +320,11 @@ class FSDP:
             if u.requires_grad:
                 tensors[f"unit{i}.exp_avg"], tensors[f"unit{i}.exp_avg_sq"] = u.exp_avg, u.exp_avg_sq
         tensors = {k: v.cpu() for k, v in tensors.items()}
-        _atomic_write(path / f"rank{self.rank:05d}.safetensors", partial(save_file, tensors))
+        atomic_write(path / f"rank{self.rank:05d}.safetensors", partial(save_file, tensors))
         if self.rank == 0:
             manifest = {**self.layout(), "step": self.step, "betas": list(self.betas), "eps": self.eps,
                         "weight_decay": self.weight_decay, "model": asdict(self.model.args), "meta": meta}
-            _atomic_write(path / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+            atomic_write(path / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
         dist.barrier()
 
     @torch.no_grad()
@@ -384,8 +378,9 @@ class FSDP:
             if n > 1:
                 weight_map = {t: f for f, ts in zip(files, parts) for t in ts}
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-            (path / "config.json").write_text(json.dumps(self.model.args.to_hf_config(dtype), indent=1))
+                atomic_write(path / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+            config = json.dumps(self.model.args.to_hf_config(dtype), indent=1)
+            atomic_write(path / "config.json", lambda tmp: tmp.write_text(config))
         dist.barrier()
 
     @torch.no_grad()

@@ -25,14 +25,15 @@ and pad keys included (`include_masked=True, reduce="mean_square"`), and uses th
 forgettability (`reduce="mean_square"`); both are options here.
 """
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minseekr.checkpoint import atomic_write
 from minseekr.kl import attention_rows
 from minseekr.model import sequence_loss
 
@@ -345,13 +346,7 @@ class HeadScores:
             "task_forgettability": torch.stack(self.task_forgettability) if self.tasks else empty,
         }
         meta = {"head_scores": json.dumps({"n_layers": self.n_layers, "n_heads": self.n_heads, "tasks": self.tasks})}
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)   # a reader sees the old file or the new one, never half of one
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path):
