@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minseekr.checkpoint import atomic_write
-from minseekr.kl import attention_rows
+from minseekr.kl import attention_rows, query_rows
 
 
 def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[int, int]]) -> None:
@@ -96,11 +96,9 @@ class RowRecorder:
     def __call__(self, layer, q, k, v, out):
         if layer not in self.by_layer:
             return
-        hs = torch.tensor(self.by_layer[layer], device=q.device)
-        kv = hs // (q.shape[1] // k.shape[1])                                 # each query head's KV head
-        idx = self.rows[:, None, :, None].expand(-1, len(hs), -1, q.shape[-1])
-        q_rows = q[:, hs].gather(2, idx)                                       # (B, h_l, T, D)
-        self.out[layer] = attention_rows(q_rows, k[:, kv], self.rows, self.key_mask)
+        heads = torch.tensor(self.by_layer[layer], device=q.device)
+        q_rows, kv_heads = query_rows(q, heads, self.rows, k.shape[1])         # (B, h_l, T, D)
+        self.out[layer] = attention_rows(q_rows, k, self.rows, self.key_mask, kv_heads=kv_heads)
 
     def stacked(self, heads):
         """(B, |H|, T, S) in the order of `heads`."""

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minseekr.checkpoint import atomic_write
-from minseekr.kl import attention_rows
+from minseekr.kl import attention_rows, query_rows
 from minseekr.model import sequence_loss
 
 REDUCTIONS = ("frobenius", "mean_square")
@@ -156,9 +156,8 @@ def normalize_per_layer(sensitivity):
 def _forward_at_rows(model, ids, real, rows, on_layer):
     """Run the model and hand `on_layer(layer, probs)` each layer's probabilities (B, H, T, S) at `rows`."""
     def probe(layer, q, k, v, out):
-        B, H, _, D = q.shape
-        q_rows = q.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D))   # (B, H, T, D)
-        on_layer(layer, attention_rows(q_rows, k, rows, real).float())
+        q_rows, kv_heads = query_rows(q, torch.arange(q.shape[1], device=q.device), rows, k.shape[1])  # (B, H, T, D)
+        on_layer(layer, attention_rows(q_rows, k, rows, real, kv_heads=kv_heads).float())
 
     with torch.no_grad():
         model(ids, real.long(), probe=probe)

@@ -175,6 +175,13 @@ def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None, chun
     return _AttentionKL.apply(q_rows, k, rows, teacher, key_mask, kv_heads, chunk)
 
 
+def query_rows(q, heads, rows, n_kv_heads):
+    """The probe's q (B, H, S, d) at query heads `heads` (h,) and positions `rows` (B, T): (B, h, T, d), plus
+    each selected head's KV head (h,) for `kv_heads=` (GQA without copying k)."""
+    batch = torch.arange(q.shape[0], device=q.device)[:, None, None]
+    return q[batch, heads[None, :, None], rows[:, None, :]], heads // (q.shape[1] // n_kv_heads)
+
+
 class AttentionKL:
     """Probe for `model(tokens, attention_mask, probe=...)`: the fused KL of chosen heads at chosen rows.
 
@@ -194,11 +201,7 @@ class AttentionKL:
     def __call__(self, layer, q, k, v, out):
         if layer not in self.heads:
             return
-        heads = self.heads[layer]
-        B, H = q.shape[:2]
-        batch = torch.arange(B, device=q.device)[:, None, None]
-        q_rows = q[batch, heads[None, :, None], self.rows[:, None, :]]          # (B, h_l, T, d)
-        kv_heads = heads // (H // k.shape[1])
+        q_rows, kv_heads = query_rows(q, self.heads[layer], self.rows, k.shape[1])   # (B, h_l, T, d)
         self.kl[layer] = attention_kl(q_rows, k, self.rows, self.teacher[layer], self.key_mask,
                                       kv_heads=kv_heads, chunk=self.chunk)
 
