@@ -136,7 +136,7 @@ def main(argv=None):
     if ns.epochs == ContinualConfig().epochs:
         cfg.epochs = epochs
     model = load_hf(run.model, dtype=getattr(torch, run.dtype))
-    (Path(run.out)).mkdir(parents=True, exist_ok=True)
+    Path(run.out).mkdir(parents=True, exist_ok=True)
     (Path(run.out) / "run.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
     summary = ContinualTrainer(model, tok, tasks, cfg, run.out).run_all()
     print(format_matrix(summary["R"], summary["tasks"]))

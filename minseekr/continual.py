@@ -185,7 +185,7 @@ class ContinualTrainer:
     def train_task(self, k):
         cfg, task = self.cfg, self.tasks[k]
         train = encode(self.tok, task.train, cfg.max_len)
-        replay_idx = self.draw_replay(len(train))
+        replay_idx = self.draw_replay(k, len(train))
         replay = [dict(train[i]) for i in replay_idx]     # copies: rows are added to these only
         rows = self.sample_rows(replay)
         for s, r in zip(replay, rows):
@@ -220,11 +220,12 @@ class ContinualTrainer:
         self.model.eval()
         self.finish_task(k, replay, before)
 
-    def draw_replay(self, n):
+    def draw_replay(self, k, n):
+        """Indices of R_k among task k's n training samples (seeded per task; none for SeqFT)."""
         m = round(self.cfg.replay_ratio * n) if self.cfg.method != "seqft" else 0
         if self.cfg.replay_select == "first":
             return list(range(m))
-        return sorted(random.Random(f"{self.cfg.seed}-replay-{len(self.memories)}").sample(range(n), m))
+        return sorted(random.Random(f"{self.cfg.seed}-replay-{k}").sample(range(n), m))
 
     def sample_rows(self, replay):
         if not replay:
