@@ -4,9 +4,10 @@ For task k the trainer writes two files into the run's `buffer/` folder:
 
     task{k:02d}.safetensors   per replay sample i, at its true length n (no padding to the task's longest):
         {i}.input_ids (n,)  {i}.labels (n,)  {i}.rows (T,)      the sample and its sampled query rows
-        {i}.logits (a, V)   the teacher's logits that predict each of its a labelled tokens
-        {i}.attn (|H|, T, n) the teacher's attention rows of the stored heads, zeros beyond each row's prefix
-    task{k:02d}.json          {"name", "heads": [[layer, head], ...], "lengths", ...}: the manifest
+        {i}.logits (a, V)                                        the teacher's logits predicting its a labels, or
+        {i}.topk_logp (a, k)  {i}.topk_ids (a, k)                their k largest log-probabilities and token ids
+        {i}.attn (|H|, Σ_t (rows[t]+1))                          the stored heads' attention rows, causal prefixes only
+    task{k:02d}.json          {"name", "heads": [[layer, head], ...], "lengths", "bytes", ...}: the manifest
 
 Logits are taken at the positions that *predict* the labels (position p-1 for a label at p), so the
 first answer token's distribution is distilled and the one after EOS is not (the official code is one
@@ -14,10 +15,22 @@ position off). Both files go to a temporary name and are renamed, manifest last,
 leaves a task that looks complete. Reading memory-maps the safetensors file: every rank of a
 data-parallel job opens the same files and reads only the samples it replays.
 
-Bytes per sample, signals in bf16: 2·a·V (logits) + 2·|H|·T·n (attention), with |H| = B_H for
-`teacher_heads="selected"` and n_layers·n_heads for `"all"` (8x more at LLaMA-2-7B's 1024 heads and B_H=128).
+Query row t sits at position rows[t] and, being causal, sees keys 0..rows[t] only: the rest of its row
+is exactly zero. On disk each row keeps that prefix, the T prefixes concatenated per head; `TaskMemory`
+expands them back to the dense (|H|, T, n) rows, zeros beyond each prefix, that the trainer distils.
+Rows may repeat and come in any order; each occurrence is stored.
+
+With `topk=k` the teacher's distribution over V tokens is cut to its k most likely tokens: ids (int16
+while V fits, else int32) and log-probabilities of the full-vocabulary softmax. `logit_kl` then
+compares teacher and student on k + 1 buckets, those tokens and the rest (exact when k = V).
+
+Bytes per sample, signals in bf16: 2·a·V (full logits) or a·k·(2 + 2) (top-k, 4-byte ids when
+V > 32767), plus 2·|H|·Σ_t (rows[t]+1) ≈ |H|·B_T·(n+1) (attention: rows drawn uniformly average
+(n+1)/2 keys), with |H| = B_H for `teacher_heads="selected"` and n_layers·n_heads for `"all"`
+(8x more at LLaMA-2-7B's 1024 heads and B_H=128).
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,11 +41,49 @@ from minseekr.checkpoint import atomic_write
 from minseekr.kl import attention_rows, query_rows
 
 
+def prefix_index(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row t, key j) of every stored entry, row by row, j = 0..rows[t]: two (Σ_t (rows[t]+1),) long tensors."""
+    counts = rows.long() + 1
+    t = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts)
+    starts = torch.cumsum(counts, 0) - counts                                  # where each row's prefix begins
+    j = torch.arange(int(counts.sum()), device=rows.device) - torch.repeat_interleave(starts, counts)
+    return t, j
+
+
+def pack_rows(attn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Dense rows (|H|, T, n) -> their causal prefixes concatenated (|H|, Σ_t (rows[t]+1))."""
+    t, j = prefix_index(rows)
+    return attn[:, t, j]
+
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Causal prefixes (|H|, Σ_t (rows[t]+1)) -> dense rows (|H|, T, n), zeros beyond each prefix."""
+    t, j = prefix_index(rows)
+    attn = packed.new_zeros(packed.shape[0], rows.numel(), n)
+    attn[:, t, j] = packed
+    return attn
+
+
+def _stored(i: int, s: dict) -> dict:
+    """Sample i as written to disk: attention rows packed to their causal prefixes."""
+    s = dict(s)
+    if "attn" in s:
+        attn, rows, n = s["attn"], s["rows"], s["input_ids"].numel()
+        if attn.dim() != 3 or attn.shape[1:] != (rows.numel(), n) or not bool(((rows >= 0) & (rows < n)).all()):
+            raise ValueError(f"sample {i}: attn is {tuple(attn.shape)}, expected (|H|, {rows.numel()}, {n}) "
+                             f"with rows in [0, {n})")
+        s["attn"] = pack_rows(attn, rows)
+        # Dropping the entries beyond each prefix is lossless only if they are zero, as causal attention makes them.
+        if s["attn"].count_nonzero() != attn.count_nonzero():
+            raise ValueError(f"sample {i}: attn has non-zero entries beyond a row's causal prefix (keys > rows[t])")
+    return s
+
+
 def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[int, int]]) -> None:
-    """Store task k's replay samples (dicts of the tensors above) and the heads their attention rows cover."""
+    """Store task k's replay samples (dicts of the tensors `teacher_signals` returns) and the heads they cover."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{i}.{key}": t.contiguous() for i, s in enumerate(samples) for key, t in s.items()}
+    tensors = {f"{i}.{key}": t.contiguous() for i, s in enumerate(samples) for key, t in _stored(i, s).items()}
     atomic_write(root / f"task{k:02d}.safetensors", lambda p: save_file(tensors, str(p)))
     manifest = {"name": name, "heads": [list(h) for h in heads], "n_samples": len(samples),
                 "lengths": [int(s["input_ids"].numel()) for s in samples],
@@ -41,7 +92,7 @@ def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[i
 
 
 class TaskMemory:
-    """Read-only, memory-mapped view of one task's stored samples."""
+    """Read-only, memory-mapped view of one task's stored samples, attention rows dense again."""
 
     def __init__(self, root, k: int):
         root = Path(root)
@@ -51,13 +102,26 @@ class TaskMemory:
         self.manifest = json.loads(manifest_path.read_text())
         self.name = self.manifest["name"]
         self.heads = [tuple(h) for h in self.manifest["heads"]]
-        self._file = safe_open(str(root / f"task{k:02d}.safetensors"), "pt")
+        self.path = root / f"task{k:02d}.safetensors"
+        self._file = safe_open(str(self.path), "pt")
+        self._keys = sorted({name.split(".", 1)[1] for name in self._file.keys()})
 
     def __len__(self):
         return self.manifest["n_samples"]
 
     def __getitem__(self, i: int) -> dict:
-        return {key: self._file.get_tensor(f"{i}.{key}") for key in ("input_ids", "labels", "rows", "logits", "attn")}
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.path}: sample {i} out of range, the task stores {len(self)}")
+        s = {key: self._file.get_tensor(f"{i}.{key}") for key in self._keys}
+        if "attn" in s:
+            expected = (len(self.heads), int((s["rows"] + 1).sum()))
+            if tuple(s["attn"].shape) != expected:
+                raise ValueError(f"{self.path}: {i}.attn is {tuple(s['attn'].shape)}, "
+                                 f"expected (|H|, Σ(rows+1)) = {expected}")
+            s["attn"] = unpack_rows(s["attn"], s["rows"], s["input_ids"].numel())
+        if "topk_ids" in s:
+            s["topk_ids"] = s["topk_ids"].long()
+        return s
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
@@ -80,8 +144,52 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         batch["teacher_attn"] = torch.zeros(B, H, T, S)
         for b, s in enumerate(samples):
             batch["teacher_attn"][b, :, :, :s["attn"].shape[-1]] = s["attn"].float()
-        batch["teacher_logits"] = torch.cat([s["logits"] for s in samples]).float()
+    # Samples are right-padded, so concatenating their labelled tokens is the batch's row-major label order.
+    if "logits" in samples[0]:
+        batch["teacher_logits"] = torch.cat([s["logits"] for s in samples]).float()           # (N, V)
+    if "topk_ids" in samples[0]:
+        batch["teacher_topk_ids"] = torch.cat([s["topk_ids"] for s in samples]).long()       # (N, k)
+        batch["teacher_topk_logp"] = torch.cat([s["topk_logp"] for s in samples]).float()   # (N, k)
     return batch
+
+
+def logit_kl(student_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Eq. 3 per labelled token: KL(teacher ‖ student) (N,), over the vocabulary or top-k + rest buckets.
+
+    student_logits is the model's (B, S, V) output, whose positions that predict a label are taken in
+    row-major order, or those (N, V) rows already. The teacher comes from `collate`: full logits, or
+    top-k ids and log-probabilities. Computed in fp32 (fp64 for fp64 logits); the caller reduces.
+    """
+    if student_logits.dim() == 3:
+        predicting = batch["labels"][:, 1:] != -100                          # position p-1 predicts label p
+        student_logits = student_logits[:, :-1][predicting.to(student_logits.device)]   # (N, V)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be (B, S, V) or (N, V), got {tuple(student_logits.shape)}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(dtype)
+    if "teacher_logits" in batch:
+        teacher = batch["teacher_logits"].to(s.device, dtype)
+        if teacher.shape != s.shape:
+            raise ValueError(f"teacher_logits is {tuple(teacher.shape)}, expected the student's {tuple(s.shape)}")
+        log_p = teacher.log_softmax(-1)
+        return (log_p.exp() * (log_p - s.log_softmax(-1))).sum(-1)
+    if "teacher_topk_ids" not in batch:
+        raise KeyError("batch has neither teacher_logits nor teacher_topk_ids: collate samples read from a TaskMemory")
+    ids = batch["teacher_topk_ids"].to(s.device)
+    log_p = batch["teacher_topk_logp"].to(s.device, dtype)                   # (N, k)
+    if ids.shape[0] != s.shape[0] or ids.shape != log_p.shape:
+        raise ValueError(f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logp {tuple(log_p.shape)} must "
+                         f"both be ({s.shape[0]}, k) to match the student's labelled tokens")
+    lse = s.logsumexp(-1, keepdim=True)
+    log_q = s.gather(-1, ids) - lse                                           # (N, k)
+    # The student's rest mass as a sum over the tokens outside the top k, not 1 − Σq, which cancels to 0 when
+    # the student is confident. The floor keeps p_rest·log q_rest finite when the rest is empty (k = V).
+    outside = s.scatter(-1, ids, float("-inf"))
+    log_q_rest = (outside.logsumexp(-1) - lse[:, 0]).clamp(min=math.log(torch.finfo(dtype).tiny))
+    # The teacher's rest is only known as 1 − Σp; rounding of the stored log-probabilities can push it below 0.
+    p_rest = (-torch.expm1(log_p.logsumexp(-1))).clamp(min=0)
+    top = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return top + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
 
 
 class RowRecorder:
@@ -107,19 +215,31 @@ class RowRecorder:
 
 
 @torch.no_grad()
-def teacher_signals(model, batch: dict, heads: list[tuple[int, int]], dtype=torch.bfloat16) -> list[dict]:
-    """Per sample of a right-padded batch: the teacher's logits predicting its labels, its attention rows of `heads`."""
+def teacher_signals(model, batch: dict, heads: list[tuple[int, int]], dtype=torch.bfloat16,
+                    topk: int = 0) -> list[dict]:
+    """Per sample of a right-padded batch, on the CPU: the teacher's logits predicting its labels (all V, or the
+    top-k log-probabilities and ids), and its attention rows of `heads` (dense (|H|, T, n))."""
     recorder = RowRecorder(heads, batch["rows"], batch["attention_mask"])
     logits = model(batch["input_ids"], batch["attention_mask"], probe=recorder)
-    attn = recorder.stacked(heads) if heads else None
+    V = logits.shape[-1]
+    if not 0 <= topk <= V:
+        raise ValueError(f"topk must be in [0, {V}] (0 keeps all logits), got {topk}")
+    B, T = batch["rows"].shape
+    # One transfer for the whole batch; each sample's slice is then cloned so it does not pin the batch tensor.
+    attn = recorder.stacked(heads).to("cpu", dtype) if heads else None       # (B, |H|, T, S)
     samples = []
-    for b in range(batch["input_ids"].shape[0]):
+    for b in range(B):
         n = int(batch["attention_mask"][b].sum())
         labels = batch["labels"][b, :n]
         predicting = (labels[1:] != -100).nonzero().squeeze(1)              # position p-1 predicts label p
-        samples.append({
-            "input_ids": batch["input_ids"][b, :n].clone(), "labels": labels.clone(), "rows": batch["rows"][b].clone(),
-            "logits": logits[b, predicting].to(dtype),
-            "attn": (attn[b, :, :, :n] if heads else torch.zeros(0, batch["rows"].shape[1], n)).to(dtype),
-        })
+        s = {"input_ids": batch["input_ids"][b, :n].to("cpu", copy=True), "labels": labels.to("cpu", copy=True),
+             "rows": batch["rows"][b].to("cpu", copy=True),
+             "attn": attn[b, :, :, :n].clone() if heads else torch.zeros(0, T, n, dtype=dtype)}
+        if topk:
+            logp, ids = logits[b, predicting].float().log_softmax(-1).topk(topk, -1)      # (a, k), largest first
+            s["topk_logp"] = logp.to("cpu", dtype)
+            s["topk_ids"] = ids.to("cpu", torch.int16 if V <= torch.iinfo(torch.int16).max else torch.int32)
+        else:
+            s["logits"] = logits[b, predicting].to("cpu", dtype)
+        samples.append(s)
     return samples

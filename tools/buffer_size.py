@@ -1,12 +1,15 @@
 """Bytes per replay sample: minseekr's buffer against the official SEEKR layout, at a LLaMA-2-7B shape.
 
-    python tools/buffer_size.py                       # a few typical (length, answer) pairs
-    python tools/buffer_size.py --length 900 --answer 60 --padded 1536
+    python tools/buffer_size.py                       # a few typical (length, answer) pairs, top-64 logits
+    python tools/buffer_size.py --length 900 --answer 60 --padded 1536 --topk 16
 
 Official (notes §3): fp32 logits over the full vocabulary at every position of the task's padded length L_k,
-plus bf16 attention rows of the selected heads over L_k keys. minseekr (minseekr/buffer.py): the logits that
-predict the a labelled tokens and the attention rows over the sample's own n keys, both in `--dtype-bytes`.
-Token ids, labels and rows (a few KB) are left out of both.
+plus bf16 attention rows of the selected heads over L_k keys. minseekr (minseekr/buffer.py), signals in
+`--dtype-bytes`: the teacher's distributions that predict the a labelled tokens, either all V logits or the
+top-k log-probabilities with their token ids (2 bytes while V fits int16, else 4), plus each attention row's
+causal prefix only. Query rows are drawn uniformly among the n positions, so a row keeps (n+1)/2 keys on
+average, B_T·(n+1)/2 per head. "dense rows" is the layout before prefixes: every row over all n keys.
+Token ids, labels and rows (a few KB) are left out of all layouts.
 """
 import argparse
 
@@ -15,8 +18,17 @@ def official(L_k, V, heads, B_T):
     return L_k * V * 4 + heads * B_T * L_k * 2
 
 
-def ours(n, a, V, heads, B_T, dtype_bytes):
-    return a * V * dtype_bytes + heads * B_T * n * dtype_bytes
+def attention(n, heads, B_T, dtype_bytes, prefix=True):
+    """Expected bytes of the stored rows: causal prefixes (B_T·(n+1)/2 keys per head) or dense (B_T·n)."""
+    keys = B_T * (n + 1) / 2 if prefix else B_T * n
+    return heads * keys * dtype_bytes
+
+
+def logits(a, V, dtype_bytes, topk=0):
+    """Full-vocabulary logits (a·V) or top-k log-probabilities plus their ids (a·k)."""
+    if not topk:
+        return a * V * dtype_bytes
+    return a * topk * (dtype_bytes + (2 if V <= 32767 else 4))
 
 
 def main():
@@ -29,17 +41,26 @@ def main():
     p.add_argument("--padded", type=int, default=1536, help="L_k, the task's longest sample (official layout)")
     p.add_argument("--length", type=int, default=0, help="n, this sample's length (0: a table of typical cases)")
     p.add_argument("--answer", type=int, default=0, help="a, its labelled tokens (answer + EOS)")
+    p.add_argument("--topk", type=int, default=64, help="k teacher tokens kept per labelled token")
     p.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16 signals (the default), 4 for fp32")
     args = p.parse_args()
+    if not 0 < args.topk <= args.vocab:
+        p.error(f"--topk must be in [1, {args.vocab}], got {args.topk}")
     cases = [(args.length, args.answer)] if args.length else [(1536, 512), (1000, 100), (400, 100), (300, 2)]
-    print(f"V={args.vocab}, B_H={args.head_budget}, B_T={args.query_budget}, L_k={args.padded}")
-    print(f"{'n':>6} {'a':>5} {'official MB':>12} {'ours MB (selected)':>19} {'ratio':>7} {'ours MB (all heads)':>20} {'ratio':>7}")
+    V, B_T, db, k = args.vocab, args.query_budget, args.dtype_bytes, args.topk
     all_heads = args.layers * args.heads_per_layer
+    print(f"V={V}, B_H={args.head_budget}, B_T={B_T}, L_k={args.padded}, k={k}, signals {db} B; MB (ratio to official)")
+    columns = ["dense rows, full", "prefix rows, full", f"prefix rows, top-{k}", f"all heads, top-{k}"]
+    print(f"{'n':>6} {'a':>5} {'official':>9}" + "".join(f" {c:>18}" for c in columns))
     for n, a in cases:
-        off = official(args.padded, args.vocab, args.head_budget, args.query_budget)
-        sel = ours(n, a, args.vocab, args.head_budget, args.query_budget, args.dtype_bytes)
-        every = ours(n, a, args.vocab, all_heads, args.query_budget, args.dtype_bytes)
-        print(f"{n:>6} {a:>5} {off / 1e6:>12.1f} {sel / 1e6:>19.1f} {off / sel:>6.1f}x {every / 1e6:>20.1f} {off / every:>6.1f}x")
+        off = official(args.padded, V, args.head_budget, B_T)
+        ours = [
+            logits(a, V, db) + attention(n, args.head_budget, B_T, db, prefix=False),
+            logits(a, V, db) + attention(n, args.head_budget, B_T, db),
+            logits(a, V, db, k) + attention(n, args.head_budget, B_T, db),
+            logits(a, V, db, k) + attention(n, all_heads, B_T, db),
+        ]
+        print(f"{n:>6} {a:>5} {off / 1e6:>9.1f}" + "".join(f" {f'{b / 1e6:.1f} ({off / b:.1f}x)':>18}" for b in ours))
 
 
 if __name__ == "__main__":
