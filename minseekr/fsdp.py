@@ -32,25 +32,29 @@ Because gradients are averaged over ranks, a rank's loss must be its share of th
 `token_losses(...).sum() * world / global_token_count`, which makes uneven per-rank batches exact.
 
 Supported: tied embeddings, frozen units, GQA, `probe` hooks, activation checkpointing, bf16 compute,
-sharded checkpoints (resume on the same world size), HF safetensors export and streaming HF load.
-Not supported: mixed requires_grad inside one unit, re-sharding a checkpoint to another world size,
-KV-cache decoding across units (use an exported model), torch.compile of the hooks.
+sharded checkpoints (resume on the same world size; `reshard_checkpoint` rewrites one offline for another),
+HF safetensors export and streaming HF load.
+Not supported: mixed requires_grad inside one unit, KV-cache decoding across units (use an exported
+model), torch.compile of the hooks.
+
+The engine interface (`model`, `rank`, `world`, `device`, `compute_dtype`, `step`, `zero_grad`,
+`clip_grad_norm_`, `optimizer_step(lr)`, `local_shards`, `save_sharded`, `load_sharded`, `export_hf`,
+`full_tensors`) is shared with `fsdp_torch.TorchFSDP` (PyTorch's FSDP2, the peer), so a trainer runs on either
+and the two check each other; sharded checkpoint files and the HF export are in `sharded_checkpoint.py`.
 """
 import contextlib
 import json
 import math
 import os
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from minseekr.checkpoint import atomic_write
+from minseekr.sharded_checkpoint import read_manifest, save_hf_sharded, save_rank
 from minseekr.model import ModelArgs, Transformer
 
 # torch 2.13 deprecates the *_into_tensor / *_tensor names for *_single (same signatures).
@@ -78,6 +82,11 @@ def init_distributed():
         else:  # one code path for world 1: a process group of one over an in-memory store
             dist.init_process_group(**kwargs, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def default_compute_dtype(device):
+    """bf16 on GPUs; fp32 on the CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):
@@ -193,8 +202,7 @@ class FSDP:
                  prefetch=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.model, self.rank, self.world = model, dist.get_rank(), dist.get_world_size()
         self.device = torch.device(device)
-        if compute_dtype is None:  # bf16 on GPUs; fp32 on the CPU, where bf16 matmuls are slow
-            compute_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.compute_dtype = compute_dtype = compute_dtype or default_compute_dtype(self.device)
         self.betas, self.eps, self.weight_decay, self.step = betas, eps, weight_decay, 0
         self.prefetch, self.in_backward, self._reducing = prefetch, False, None
         named = list(model.named_parameters(remove_duplicate=False))
@@ -277,6 +285,10 @@ class FSDP:
     def trainable(self):
         return [u for u in self.units if u.requires_grad]
 
+    def local_shards(self):
+        """(fp32 shard, its gradient) of each trainable unit on this rank, live; padding is zero in both."""
+        return [(u.shard, u.grad) for u in self.trainable()]
+
     def zero_grad(self):
         for u in self.trainable():
             u.grad.zero_()
@@ -306,37 +318,24 @@ class FSDP:
             u.shard.addcdiv_(u.exp_avg, denom, value=-lr / bias1)
 
     def layout(self):
-        """What a sharded checkpoint must agree on: world size and every unit's names, shapes and padding."""
-        return {"world": self.world, "units": [{"names": u.names, "shapes": [list(s) for s in u.shapes],
-                                                "padded": u.padded} for u in self.units]}
+        """What a sharded checkpoint must agree on: engine, world size, every unit's names, shapes and padding."""
+        return {"engine": "FSDP", "world": self.world,
+                "units": [{"names": u.names, "shapes": [list(s) for s in u.shapes], "padded": u.padded}
+                          for u in self.units]}
 
     def save_sharded(self, path, meta=None):
         """Each rank writes rank{r}.safetensors (shards + AdamW state); rank 0 writes manifest.json."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, u in enumerate(self.units):
             tensors[f"unit{i}.shard"] = u.shard
             if u.requires_grad:
                 tensors[f"unit{i}.exp_avg"], tensors[f"unit{i}.exp_avg_sq"] = u.exp_avg, u.exp_avg_sq
-        tensors = {k: v.cpu() for k, v in tensors.items()}
-        atomic_write(path / f"rank{self.rank:05d}.safetensors", partial(save_file, tensors))
-        if self.rank == 0:
-            manifest = {**self.layout(), "step": self.step, "betas": list(self.betas), "eps": self.eps,
-                        "weight_decay": self.weight_decay, "model": asdict(self.model.args), "meta": meta}
-            atomic_write(path / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
-        dist.barrier()
+        save_rank(self, path, tensors, meta)
 
     @torch.no_grad()
     def load_sharded(self, path):
         """Restore shards, AdamW state and step saved by save_sharded at this world size; return its meta."""
-        path = Path(path)
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest["world"] != self.world:
-            raise ValueError(f"{path}/manifest.json: saved at world size {manifest['world']}, this run has "
-                             f"{self.world}; resume on the same world size")
-        if manifest["units"] != self.layout()["units"]:
-            raise ValueError(f"{path}/manifest.json: unit layout differs from this model's (another architecture?)")
+        path, manifest = Path(path), read_manifest(path, self.layout())
         with safe_open(str(path / f"rank{self.rank:05d}.safetensors"), "pt") as f:
             for i, u in enumerate(self.units):
                 u.shard.copy_(f.get_tensor(f"unit{i}.shard"))
@@ -357,31 +356,7 @@ class FSDP:
 
     def export_hf(self, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30):
         """Write an HF LLaMA directory (config.json, model*.safetensors, index if several); all ranks call it."""
-        path, parts, current, total = Path(path), [], {}, 0
-        n_tensors = sum(len(u.names) for u in self.units)
-        if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-        for i, (name, t) in enumerate(self.full_tensors(), 1):  # rank 0 holds at most one file's worth
-            if self.rank == 0:
-                current[name] = t.to("cpu", dtype, copy=True)
-                total += current[name].nbytes
-                if sum(v.nbytes for v in current.values()) >= max_shard_bytes or i == n_tensors:
-                    parts.append(list(current))
-                    save_file(current, str(path / f"part{len(parts)}.tmp"))
-                    current.clear()
-        if self.rank == 0:  # final names once the number of files is known
-            n = len(parts)
-            files = [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-            files = files if n > 1 else ["model.safetensors"]
-            for k, file in enumerate(files, 1):
-                os.replace(path / f"part{k}.tmp", path / file)
-            if n > 1:
-                weight_map = {t: f for f, ts in zip(files, parts) for t in ts}
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                atomic_write(path / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
-            config = json.dumps(self.model.args.to_hf_config(dtype), indent=1)
-            atomic_write(path / "config.json", lambda tmp: tmp.write_text(config))
-        dist.barrier()
+        save_hf_sharded(self, path, dtype, max_shard_bytes)
 
     @torch.no_grad()
     def load_hf(self, path):
@@ -422,23 +397,3 @@ def load_hf_sharded(path, **fsdp_kwargs) -> FSDP:
     engine = FSDP(model, **fsdp_kwargs)
     engine.load_hf(path)
     return engine
-
-
-def apply_torch_fsdp(model, device, compute_dtype=torch.float32, activation_checkpointing=False):
-    """PyTorch's own FSDP2 (`fully_shard`) on the same units, one per block then the root, for comparison."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        if activation_checkpointing:
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
-def decay_groups(model, weight_decay):
-    """torch.optim param groups with nanoGPT's rule: decay matrices and embeddings (dim >= 2), not norms."""
-    return [{"params": [p for p in model.parameters() if (p.dim() >= 2) == decay], "weight_decay": wd}
-            for decay, wd in ((True, weight_decay), (False, 0.0))]

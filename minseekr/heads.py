@@ -112,7 +112,7 @@ def task_sensitivity(model, batches, *, include_masked=False, reduce="frobenius"
     official per-sample mean of (∂L/∂A)² over those entries. The parameters' `.grad` is not touched.
     """
     _check_reduce(reduce)
-    device = next(model.parameters()).device
+    device = model.device
     total, n_samples = 0.0, 0
     with _evaluating(model), torch.enable_grad():
         for batch in batches:
@@ -178,7 +178,7 @@ def attention_at_rows(model, batches, rows=None):
     with None) mean nothing and `attention_change` ignores them. fp32 on the model's device (a caller may
     store them on CPU or in bf16: `attention_change` casts back).
     """
-    device = next(model.parameters()).device
+    device = model.device
     maps = []
     with _evaluating(model):
         for batch, r in _batch_rows(batches, rows):
@@ -212,7 +212,7 @@ def attention_change(before, after, batches, rows=None, *, reduce="frobenius"):
     The batches and rows must be those `before` was computed on. Only the `after` maps of one layer exist at a time.
     """
     _check_reduce(reduce)
-    device = next(after.parameters()).device
+    device = after.device
     total, n_samples = 0.0, 0
     with _evaluating(after):
         for before_b, (batch, r) in zip(before, _batch_rows(batches, rows), strict=True):

@@ -244,6 +244,11 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def device(self):
+        """Where the model computes; read from a weight, so it also holds when an FSDP engine owns the parameters."""
+        return self.model.embed_tokens.weight.device
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
         """Every initialisation in one place: N(0, std) for matrices and embeddings, ones for norms."""

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minseekr.fsdp import FSDP, apply_torch_fsdp, decay_groups
+from minseekr.fsdp import FSDP
+from minseekr.fsdp_torch import apply_torch_fsdp, decay_groups
 from minseekr.model import ModelArgs, Transformer, token_losses
 
 LR, MAX_NORM = 1e-4, 1.0
