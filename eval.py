@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from minseekr.checkpoint import load_hf
-from minseekr.continual import evaluate
+from minseekr.evaluation import evaluate
 from minseekr.data import load_sequence, load_task
 from minseekr.metrics import (backward_transfer, delta_general_ability, format_matrix, forward_transfer,
                               general_ability, overall_performance)
@@ -33,23 +33,29 @@ def evaluate_run(run: Path, ns):
     samples, max_len = ns.samples or cfg["eval_samples"], cfg["max_len"]
     new_tokens = ns.max_new_tokens or cfg["max_new_tokens"]
     score = lambda model, task: evaluate(model, tok, task, samples, max_len, new_tokens)
-    base_model = load_hf(spec["model"])
+    # θ_0 as the trainer exported and scored it (task00), else the run's --model.
+    base_dir = run / "checkpoints" / "task00"
+    base_model = load_hf(base_dir if (base_dir / "config.json").is_file() else spec["model"])
     base = [score(base_model, t) for t in tasks]
     T = len(tasks)
-    R = [[None] * T for _ in range(T)]
-    for i in range(T):
+    stages = 1 if cfg["method"] == "mtl" else T   # MTL trains once on every task: one row
+    R = [[None] * T for _ in range(stages)]
+    for i in range(stages):
         ckpt = run / "checkpoints" / f"task{i + 1:02d}"
         if not (ckpt / "config.json").is_file():
             sys.exit(f"eval.py: {ckpt} is missing: the run stopped before task {i + 1} finished")
         model = load_hf(ckpt)
-        for j in range(min(i + 2, T)):
+        for j in range(T if stages == 1 else min(i + 2, T)):
             R[i][j] = score(model, tasks[j])
-            print(f"after task {i + 1} ({tasks[i].name}) on {tasks[j].name}: {R[i][j]:.2f}", flush=True)
+            print(f"after stage {i + 1} on {tasks[j].name}: {R[i][j]:.2f}", flush=True)
     names = [t.name for t in tasks]
-    out = {"tasks": names, "R": R, "base": base, "OP": overall_performance(R),
-           "BWT": backward_transfer(R, over_all_tasks=ns.bwt_over_all_tasks), "FWT": forward_transfer(R, base)}
-    print(format_matrix(R, names))
-    print(f"OP {out['OP']:.2f}  BWT {out['BWT']:.2f}  FWT {out['FWT']:.2f}")
+    if stages == 1 and T > 1:
+        out = {"tasks": names, "R": R, "base": base, "OP": sum(R[0]) / T, "BWT": None, "FWT": None}
+    else:
+        out = {"tasks": names, "R": R, "base": base, "OP": overall_performance(R),
+               "BWT": backward_transfer(R, over_all_tasks=ns.bwt_over_all_tasks), "FWT": forward_transfer(R, base)}
+    print(format_matrix(R, names, row_names=["all tasks (mtl)"] if stages == 1 and T > 1 else None))
+    print(f"OP {out['OP']:.2f}" + ("" if out["BWT"] is None else f"  BWT {out['BWT']:.2f}  FWT {out['FWT']:.2f}"))
     if ns.general:
         general = [load_task(f) for f in ns.general.split(",")]
         before = {t.name: score(base_model, t) for t in general}

@@ -2,6 +2,8 @@
 
     python train.py                      # the built-in demo: SeqFT vs Replay vs SEEKR on a synthetic benchmark (CPU)
     python train.py --model DIR --data ROOT --order order3 --method seekr --out runs/superni-seekr
+    torchrun --nproc_per_node 8 train.py --model DIR ...     # the same run, sharded over 8 GPUs (or CPU processes)
+    python train.py --resume runs/superni-seekr              # continue after a crash, from the latest resume point
 
 Every field of `RunConfig` and `ContinualConfig` is a `--flag` (underscores become dashes); the resolved
 configuration is written into the run directory.
@@ -15,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from minseekr.checkpoint import load_hf, save_hf
-from minseekr.continual import ContinualConfig, ContinualTrainer
+from minseekr.checkpoint import load_hf
+from minseekr.config import ContinualConfig
+from minseekr.continual import ContinualTrainer, build_engine
 from minseekr.data import Task, load_sequence
+from minseekr.fsdp import init_distributed, load_hf_sharded, print0
 from minseekr.metrics import format_matrix
 from minseekr.model import ModelArgs, Transformer
 from minseekr.tokenizer import Tokenizer
@@ -31,7 +36,10 @@ class RunConfig:
     data: str = ""           # folder holding the task folders
     order: str = ""          # order1 | order2 | order3 | order4, or comma-separated task folder names
     out: str = "runs/run"    # run directory
-    dtype: str = "float32"   # float32 | bfloat16 (weights and compute)
+    dtype: str = ""          # compute dtype: float32 | bfloat16 (default: bfloat16 on GPUs, float32 on the CPU)
+    fsdp: str = "minseekr"   # minseekr (the hand-written engine) | torch (PyTorch's FSDP2, the peer)
+    activation_checkpointing: bool = False  # recompute each block in backward (long sequences, big models)
+    resume: str = ""         # a run directory to continue from its latest resume point (its flags are reused)
     threads: int = 0         # torch CPU threads (0 = torch's default)
     train_samples: int = 0   # first N training records per task (0 = all): quick runs
     test_samples: int = 0    # first N test records per task kept in the run (0 = all)
@@ -67,13 +75,15 @@ DEMO = dict(lr=1e-3, weight_decay=0.0, batch_size=32, epochs=[10], max_len=32, r
 def demo_base(weights: Path, tok_path: Path):
     """The demo's θ_0: a tiny LLaMA pre-trained on the `cpy` task, cached in weights/demo."""
     from minseekr.synthetic import make_records, train_tokenizer
-    if not tok_path.exists():
+    rank, world, _ = init_distributed()
+    if not tok_path.exists() and rank == 0:
         weights.mkdir(parents=True, exist_ok=True)
         train_tokenizer(tok_path)
+    dist.barrier()
     tok = Tokenizer(str(tok_path))
     if (weights / "config.json").exists():
         return load_hf(weights), tok
-    print("pre-training the demo's base model on the copy task (once; cached in weights/demo) ...")
+    print0("pre-training the demo's base model on the copy task (once; cached in weights/demo) ...")
     torch.manual_seed(0)
     # The smallest size that learns all four permutations jointly (dim 64 x 2 layers cannot hold `rev` with the others).
     model = Transformer(ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=256,
@@ -81,9 +91,10 @@ def demo_base(weights: Path, tok_path: Path):
     model.init_weights()
     cfg = ContinualConfig(**{**DEMO, "method": "seqft", "epochs": [4]})
     base = [Task("cpy", make_records("cpy", 2000, seed=0), [], make_records("cpy", 100, seed=1))]
-    ContinualTrainer(model, tok, base, cfg, weights / "pretrain-run", eval_fn=lambda t: 0.0).train_task(0)
-    save_hf(model, weights)
-    return model, tok
+    trainer = ContinualTrainer(model, tok, base, cfg, weights / "pretrain-run")
+    trainer.train_task(0)
+    trainer.engine.export_hf(weights, dtype=torch.float32)
+    return load_hf(weights), tok
 
 
 def run_demo(run: RunConfig, overrides: dict):
@@ -96,18 +107,40 @@ def run_demo(run: RunConfig, overrides: dict):
         for method in run.demo_methods.split(","):
             cfg = ContinualConfig(**{**DEMO, **overrides, "method": method, "seed": seed})
             out = Path(run.out) / f"demo-seed{seed}" / method
-            summary = ContinualTrainer(copy.deepcopy(base), tok, tasks, cfg, out).run_all()
+            engine = build_engine(copy.deepcopy(base), cfg, run.fsdp)
+            summary = ContinualTrainer(engine, tok, tasks, cfg, out).run_all()
             results.setdefault(method, []).append(summary)
-            print(f"\n== {method} (seed {seed}): accuracy R[i][j] after task i on task j")
-            print(format_matrix(summary["R"], DEMO_TASKS))
-            print(f"OP {summary['OP']:.1f}  BWT {summary['BWT']:.1f}" +
-                  (f"  selected heads (layer, head): {summary['heads']}" if method == "seekr" else ""))
-    print("\n== summary over seeds (mean OP / BWT)")
+            print0(f"\n== {method} (seed {seed}): accuracy R[i][j] after task i on task j")
+            print0(format_matrix(summary["R"], DEMO_TASKS, row_names=["all tasks"] if method == "mtl" else None))
+            print0(f"OP {summary['OP']:.1f}" + (f"  BWT {summary['BWT']:.1f}" if summary["BWT"] is not None else "") +
+                   (f"  selected heads (layer, head): {summary['heads']}" if method == "seekr" else ""))
+    print0("\n== summary over seeds (mean OP / BWT)")
     for method, runs in results.items():
         op = sum(r["OP"] for r in runs) / len(runs)
-        bwt = sum(r["BWT"] for r in runs) / len(runs)
-        print(f"{method:8s} OP {op:6.1f}  BWT {bwt:6.1f}")
-    (Path(run.out) / "demo-summary.json").write_text(json.dumps(results, indent=1))
+        bwt = "" if runs[0]["BWT"] is None else f"  BWT {sum(r['BWT'] for r in runs) / len(runs):6.1f}"
+        print0(f"{method:8s} OP {op:6.1f}{bwt}")
+    if dist.get_rank() == 0:
+        (Path(run.out) / "demo-summary.json").write_text(json.dumps(results, indent=1))
+
+
+def load_engine(run: RunConfig, cfg: ContinualConfig):
+    """The model of `--model` in its engine; the hand-written one streams each rank's shard from the files."""
+    _, _, device = init_distributed()
+    dtype = getattr(torch, run.dtype) if run.dtype else None
+    if run.fsdp == "minseekr":
+        return load_hf_sharded(run.model, device=device, compute_dtype=dtype, betas=tuple(cfg.betas),
+                               weight_decay=cfg.weight_decay, activation_checkpointing=run.activation_checkpointing)
+    return build_engine(load_hf(run.model, dtype=torch.float32), cfg, "torch", device, dtype, run.activation_checkpointing)
+
+
+def resumed(run_dir: str, parser):
+    """The RunConfig and ContinualConfig a run directory was started with."""
+    run_dir = Path(run_dir)
+    for name in ("run.json", "config.json"):
+        if not (run_dir / name).is_file():
+            parser.error(f"--resume {run_dir}: {run_dir / name} not found (a run directory of train.py --model ...)")
+    run = RunConfig(**{**json.loads((run_dir / "run.json").read_text()), "resume": str(run_dir)})
+    return run, ContinualConfig(**json.loads((run_dir / "config.json").read_text()))
 
 
 def main(argv=None):
@@ -118,29 +151,34 @@ def main(argv=None):
     run = pick(RunConfig, ns)
     if run.threads:
         torch.set_num_threads(run.threads)
-    if not run.model:
+    if run.resume:
+        run, cfg = resumed(run.resume, parser)
+    elif not run.model:
         # The demo's model is tiny: one thread beats several (and several fight over a shared CPU).
         torch.set_num_threads(run.threads or 1)
         given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ContinualConfig)
                  if getattr(ns, f.name) != parser.get_default(f.name)}
         return run_demo(run, given)
+    else:
+        cfg = pick(ContinualConfig, ns)
     if not run.data or not run.order:
         parser.error("--model needs --data ROOT and --order NAME (or comma-separated task folders)")
-    cfg = pick(ContinualConfig, ns)
     tok = Tokenizer(run.tokenizer or str(Path(run.model) / "tokenizer.model"))
     order = run.order if run.order.startswith("order") else run.order.split(",")
     tasks, epochs = load_sequence(order, run.data)
     for t in tasks:
         t.train = t.train[:run.train_samples or None]
         t.test = t.test[:run.test_samples or None]
-    if ns.epochs == ContinualConfig().epochs:
+    if not run.resume and ns.epochs == ContinualConfig().epochs:
         cfg.epochs = epochs
-    model = load_hf(run.model, dtype=getattr(torch, run.dtype))
-    Path(run.out).mkdir(parents=True, exist_ok=True)
-    (Path(run.out) / "run.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
-    summary = ContinualTrainer(model, tok, tasks, cfg, run.out).run_all()
-    print(format_matrix(summary["R"], summary["tasks"]))
-    print(f"OP {summary['OP']:.2f}  BWT {summary['BWT']:.2f}")
+    engine = load_engine(run, cfg)
+    if engine.rank == 0:
+        Path(run.out).mkdir(parents=True, exist_ok=True)
+        spec = dataclasses.asdict(dataclasses.replace(run, resume=""))
+        (Path(run.out) / "run.json").write_text(json.dumps(spec, indent=1))
+    summary = ContinualTrainer(engine, tok, tasks, cfg, run.out).run_all(resume=bool(run.resume))
+    print0(format_matrix(summary["R"], summary["tasks"], row_names=["all tasks"] if cfg.method == "mtl" else None))
+    print0(f"OP {summary['OP']:.2f}" + (f"  BWT {summary['BWT']:.2f}" if summary["BWT"] is not None else ""))
 
 
 if __name__ == "__main__":

@@ -1,83 +1,66 @@
-"""Algorithm 1: continual learning over a task sequence, with SEEKR and its replay baselines.
+"""Algorithm 1: continual learning over a task sequence, with SEEKR and its baselines, on one process or many.
 
-One loop serves every method; a method only changes the loss of replayed batches and what the buffer keeps:
+One loop serves every method; a method only changes the loss and what is kept between tasks:
 
     seqft   new-task cross-entropy only (the lower bound)
     replay  + cross-entropy on replayed samples (Eq. 2)
     derpp   replayed samples get λ1·CE + (1−λ1)·KL(teacher logits ‖ student logits) (Eq. 3, mixed as Eq. 13)
     seekr   derpp + λ2 · attention distillation on the selected heads at the sampled rows (Eq. 12, 13)
+    lwf     + lwf_weight · KL(θ_{k−1} ‖ θ) on the new task's answer tokens (θ_{k−1} a frozen sharded copy)
+    ewc     + online EWC's penalty (minseekr/baselines.py)
+    mtl     one stage of joint training on every task (the upper bound; R has one row)
 
 Per task k:
   1. R_k is drawn from D_k *before* training (the draw depends on no model) together with its query rows T;
-     for SEEKR the θ_{k−1} attention at those rows is recorded then, so forgettability (Eq. 9) never needs
-     two models in memory.
+     for SEEKR the θ_{k−1} attention at those rows is recorded then and written to disk, so forgettability
+     (Eq. 9) never needs two models in memory, nor RAM for a large R_k.
   2. Train on D_k with the old tasks' buffers interleaved evenly by volume (Appendix B): every batch is one
      micro-step; replayed batches hold samples of one old task, so they share that task's head set.
   3. With θ_k on R_k: sensitivity (Eq. 7), forgettability (Eq. 9), importance (Eq. 10), head selection
      (Eq. 11); then R_k is written to the buffer with θ_k's logits and attention rows.
-  4. θ_k is saved in HF format and evaluated on every task seen so far and on the next one (for FWT).
+  4. θ_k is exported in HF format and evaluated on every task seen so far and on the next one (for FWT).
+
+Parallelism. The model lives in an engine (minseekr/fsdp.py: the hand-written FSDP, or FSDP2 with `--fsdp torch`);
+one process is a world of one. `batch_size` is the *global* micro-batch: every rank builds the same seeded plan
+and takes every world-th sample of each batch, reading only its own samples from the buffer. Each loss term is
+a sum over the rank's tokens divided by the micro-batch's global count (known on every rank from the plan) and
+multiplied by the world size, since the engine averages gradients over ranks: the gradient is then exactly that
+of the micro-batch mean, so N ranks train as one process does. Head scores are sums over each rank's share of
+R_k, all-reduced; evaluation splits the test batches over ranks, each with the exported checkpoint.
+
+Resume. Every draw is seeded by (seed, task, epoch), so a position in the plan fixes the data; a resume point
+(`resume/`) holds the sharded weights and AdamW state, EWC's terms, and the run's state (results so far, head
+selection, position, bytes of metrics.jsonl), written every `checkpoint_every` optimiser steps and after each task.
 
 L_ad is averaged over samples, selected heads and rows (the official normalisation up to its per-layer
 grouping): with Eq. 12's plain sum the paper's λ2 = 1e3 would scale with B_H·B_T.
 """
 import json
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from minseekr import heads as H
-from minseekr.buffer import TaskMemory, collate, teacher_signals, write_task
-from minseekr.checkpoint import save_hf
-from minseekr.data import extract_answer
-from minseekr.generate import generate
+from minseekr.baselines import EWC
+from minseekr.buffer import TaskMemory, collate, logit_kl, teacher_signals, write_task
+from minseekr.checkpoint import atomic_write, load_hf, read_args
+from minseekr.config import ContinualConfig
+from minseekr.evaluation import evaluate, gather
+from minseekr.fsdp import FSDP, init_distributed
+from minseekr.fsdp_torch import TorchFSDP
 from minseekr.kl import AttentionKL
-from minseekr.metrics import backward_transfer, forward_transfer, overall_performance, score
+from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
+from minseekr.model import Transformer, token_losses
 
-METHODS = ("seqft", "replay", "derpp", "seekr")
-
-
-@dataclass
-class ContinualConfig:
-    method: str = "seekr"             # seqft | replay | derpp | seekr
-    lr: float = 1e-5                  # AdamW, constant (the paper's 7B setting)
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.95)
-    clip: float = 1.0                 # global gradient-norm clip
-    batch_size: int = 16              # sequences per micro-step
-    grad_accum: int = 1               # micro-steps per optimiser step
-    epochs: list = field(default_factory=lambda: [1])  # per task (one value repeats)
-    max_len: int = 1536               # left truncation of prompt+answer
-    replay_ratio: float = 0.01        # |R_k| / |D_k|
-    replay_select: str = "random"     # random (paper) | first (official code: the first items of train.json)
-    lambda1: float = 0.5              # CE vs logit-KL mix on replayed samples (Eq. 13)
-    lambda2: float = 1e3              # attention-distillation weight (Eq. 13)
-    layer_budget: int = 24            # B_L
-    head_budget: int = 128            # B_H
-    query_budget: int = 100           # B_T
-    head_score: str = "both"          # both (I = S·F) | sensitivity | forgettability | random (Table 4)
-    teacher_heads: str = "selected"   # selected: each task keeps its own heads | all: current selection for every task
-    signal_dtype: str = "bfloat16"    # buffer logits/attention dtype
-    eval_samples: int = 200           # test records per task (0 = all)
-    max_new_tokens: int = 64
-    seed: int = 1234
-    log_every: int = 10
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
-        if self.head_score not in ("both", "sensitivity", "forgettability", "random"):
-            raise ValueError(f"--head-score must be both|sensitivity|forgettability|random, got {self.head_score!r}")
-        if self.teacher_heads not in ("selected", "all"):
-            raise ValueError(f"--teacher-heads must be selected|all, got {self.teacher_heads!r}")
-        if self.replay_select not in ("random", "first"):
-            raise ValueError(f"--replay-select must be random|first, got {self.replay_select!r}")
-        if not 0.0 <= self.replay_ratio <= 1.0:
-            raise ValueError(f"--replay-ratio must be in [0, 1], got {self.replay_ratio}")
+REPLAYING = ("replay", "derpp", "seekr")
 
 
 def encode(tokenizer, records, max_len) -> list[dict]:
@@ -95,76 +78,113 @@ def interleave(streams: dict) -> list:
     return [(name, j) for _, name, j in sorted(slots, key=lambda s: (s[0], str(s[1])))]
 
 
-def batches_of(samples, batch_size, pad_id, rng=None):
-    order = list(range(len(samples)))
+def index_batches(n, batch_size, rng=None) -> list[list[int]]:
+    """Indices 0..n−1 in batches, shuffled by `rng` when given."""
+    order = list(range(n))
     if rng is not None:
         rng.shuffle(order)
-    return [collate([samples[i] for i in order[s:s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
-def kl_logits(student, teacher):
-    """Mean over tokens of KL(teacher ‖ student), rows of logits (N, V) (Eq. 3)."""
-    t = teacher.float().log_softmax(-1)
-    return F.kl_div(student.float().log_softmax(-1), t, log_target=True, reduction="batchmean")
+def my_part(items, rank, world):
+    """This rank's share of a global batch (every world-th item) and its weight. Every rank must run the same
+    forwards (FSDP gathers weights collectively), so an empty share runs the batch's first item with weight 0."""
+    mine = items[rank::world]
+    return (mine, 1.0) if mine else (items[:1], 0.0)
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer, task, samples=0, max_len=1536, max_new_tokens=512, batch_size=32) -> float:
-    """Greedy KV-cache generation on the first `samples` test records (0 = all), scored by the task's metric (0-100)."""
-    records = task.test[: samples or None]
-    # Keep BOS and the newest prompt tokens, the training encoding's truncation rule.
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"], bos=False)[-(max_len - 1):] for r in records]
-    preds = []
-    for s in range(0, len(prompts), batch_size):
-        out = generate(model, prompts[s:s + batch_size], max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        preds += [extract_answer(tokenizer.decode(o), task.name) for o in out]
-    return score(task.name, preds, [r["answer"] for r in records], sources=[r["prompt"] for r in records])
+def to_device(batch, device):
+    return {key: t.to(device) for key, t in batch.items()}
+
+
+def n_labels(sample) -> int:
+    """Labelled tokens of a sample: the terms of its loss."""
+    return int((sample["labels"][1:] != -100).sum())
+
+
+def build_engine(model, cfg: ContinualConfig, kind="minseekr", device=None, compute_dtype=None,
+                 activation_checkpointing=False):
+    """The training engine over `model`: the hand-written FSDP (`minseekr`) or FSDP2 (`torch`), any world size."""
+    if kind not in ("minseekr", "torch"):
+        raise ValueError(f"--fsdp must be minseekr|torch, got {kind!r}")
+    _, _, default_device = init_distributed()
+    engine = FSDP if kind == "minseekr" else TorchFSDP
+    return engine(model, device=device or default_device, compute_dtype=compute_dtype,
+                  activation_checkpointing=activation_checkpointing, betas=tuple(cfg.betas),
+                  weight_decay=cfg.weight_decay)
 
 
 class ContinualTrainer:
-    """Runs Algorithm 1 for one method over a task sequence and writes a run directory."""
+    """Runs Algorithm 1 for one method over a task sequence and writes a run directory.
 
-    def __init__(self, model, tokenizer, tasks, cfg: ContinualConfig, run_dir, eval_fn=None):
-        self.model, self.tok, self.tasks, self.cfg = model, tokenizer, tasks, cfg
+    `engine` comes from `build_engine`; a plain Transformer is wrapped in the hand-written engine.
+    `eval_fn(model, task) -> score` replaces `evaluate` (tests use it to skip generation).
+    """
+
+    def __init__(self, engine, tokenizer, tasks, cfg: ContinualConfig, run_dir, eval_fn=None):
+        if isinstance(engine, Transformer):
+            engine = build_engine(engine, cfg)
+        self.engine, self.model, self.tok, self.tasks, self.cfg = engine, engine.model, tokenizer, tasks, cfg
+        self.rank, self.world, self.device = engine.rank, engine.world, engine.device
         self.run = Path(run_dir)
-        self.run.mkdir(parents=True, exist_ok=True)
-        (self.run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.rng = random.Random(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        args = model.args
+        if self.rank == 0:
+            self.run.mkdir(parents=True, exist_ok=True)
+            (self.run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        self.stages = [list(range(len(tasks)))] if cfg.method == "mtl" else [[k] for k in range(len(tasks))]
+        args = self.model.args
+        if cfg.method == "seekr":   # fail before training, not after the first task
+            H.select_heads(torch.ones(args.n_layers, args.n_heads), cfg.layer_budget, cfg.head_budget)
         self.scores = H.HeadScores(args.n_layers, args.n_heads)
         self.heads = []                     # the current selection H (Algorithm 1, line 10)
-        self.memories = []                  # TaskMemory per finished task
-        self.R = [[None] * len(tasks) for _ in tasks]
+        self.memories, self.memory_tokens = [], []   # TaskMemory per finished task; labelled tokens per sample
+        self.R, self.base = [], None
+        self.ewc = EWC(cfg.ewc_weight) if cfg.method == "ewc" else None
+        self.teacher = None                 # LwF's frozen θ_{k−1}
         self.dtype = getattr(torch, cfg.signal_dtype)
-        self.eval_fn = eval_fn or (lambda task: evaluate(model, tokenizer, task, cfg.eval_samples, cfg.max_len,
-                                                          cfg.max_new_tokens))
+        self.eval_fn = eval_fn or (lambda model, task: evaluate(model, tokenizer, task, cfg.eval_samples, cfg.max_len,
+                                                                cfg.max_new_tokens))
+        self.log = self.run / "metrics.jsonl"
 
     # ---- one micro-step -------------------------------------------------------------------------------
-    def loss(self, batch, memory=None):
-        """Loss of a batch and its named terms; `memory` is the old task a replayed batch comes from."""
-        cfg, terms = self.cfg, {}
+    def micro_step(self, samples, weight, n_tokens, n_samples, memory=None):
+        """Backward of this rank's share of one global micro-batch; the batch's loss terms (global means).
+
+        `samples` and `weight` are this rank's share (`my_part`); `n_tokens` and `n_samples` count the global
+        batch's labelled tokens and samples; `memory` is the old task a replayed batch comes from.
+        """
+        cfg = self.cfg
+        batch = to_device(collate(samples, self.tok.pad_id), self.device)
         probe = None
         if memory is not None and cfg.method == "seekr" and self.distilled_heads(memory):
             probe = self.kl_probe(batch, memory)
         logits = self.model(batch["input_ids"], batch["attention_mask"], probe=probe)
-        labels = batch["labels"]
-        predicting = labels[:, 1:] != -100
-        ce = F.cross_entropy(logits[:, :-1][predicting].float(), labels[:, 1:][predicting])
+        predicting = batch["labels"][:, 1:] != -100
+        ce = token_losses(logits, batch["labels"])[predicting].sum()
+        sums, loss = {}, ce / n_tokens
         if memory is None:
-            return ce, {"task": ce.item()}
-        terms["replay"] = ce.item()
-        if cfg.method == "replay":
-            return ce, terms
-        ld = kl_logits(logits[:, :-1][predicting], batch["teacher_logits"])
-        loss = cfg.lambda1 * ce + (1 - cfg.lambda1) * ld
-        terms["logit_kl"] = ld.item()
-        if probe is not None:
-            ad = torch.cat([kl.flatten() for kl in probe.kl.values()]).mean()
-            loss = loss + cfg.lambda2 * ad
-            terms["attn_kl"] = ad.item()
-        return loss, terms
+            sums["task_ce"] = (ce, n_tokens)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    old = self.teacher.model(batch["input_ids"], batch["attention_mask"])[:, :-1][predicting]
+                lwf = logit_kl(logits[:, :-1][predicting], {"teacher_logits": old.float()}).sum()
+                loss = loss + cfg.lwf_weight * lwf / n_tokens
+                sums["lwf_kl"] = (lwf, n_tokens)
+        else:
+            sums["replay_ce"] = (ce, n_tokens)
+            if cfg.method in ("derpp", "seekr"):
+                ld = logit_kl(logits[:, :-1][predicting], batch).sum()
+                loss = cfg.lambda1 * loss + (1 - cfg.lambda1) * ld / n_tokens
+                sums["logit_kl"] = (ld, n_tokens)
+            if probe is not None:
+                ad = probe.total()
+                n_ad = n_samples * len(self.distilled_heads(memory)) * batch["rows"].shape[1]
+                loss = loss + cfg.lambda2 * ad / n_ad
+                sums["attn_kl"] = (ad, n_ad)
+        (loss * (weight * self.world)).backward()
+        values = torch.tensor([float(s.detach()) * weight for s, _ in sums.values()], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(values)
+        return {name: v.item() / float(n) for (name, (_, n)), v in zip(sums.items(), values)}
 
     def distilled_heads(self, memory):
         return memory.heads if self.cfg.teacher_heads == "selected" else self.heads
@@ -181,118 +201,271 @@ class ContinualTrainer:
             teacher[l] = teacher_all[:, [index[(l, h)] for h in hs]]
         return AttentionKL(by_layer, batch["rows"], teacher, batch["attention_mask"])
 
-    # ---- one task ---------------------------------------------------------------------------------------
-    def train_task(self, k):
-        cfg, task = self.cfg, self.tasks[k]
-        train = encode(self.tok, task.train, cfg.max_len)
-        replay_idx = self.draw_replay(k, len(train))
-        replay = [dict(train[i]) for i in replay_idx]     # copies: rows are added to these only
-        rows = self.sample_rows(replay)
-        for s, r in zip(replay, rows):
-            s["rows"] = r
-        before = self.attention_snapshot(replay) if self.needs_scores() else None
+    def optimizer_step(self):
+        """EWC's penalty gradient (if any), global-norm clip, AdamW on the shards; returns the EWC penalty."""
+        penalty = self.ewc.add_penalty_grad(self.engine) if self.ewc else 0.0
+        self.engine.clip_grad_norm_(self.cfg.clip)
+        self.engine.optimizer_step(self.cfg.lr)
+        self.engine.zero_grad()
+        return penalty
 
-        epochs = cfg.epochs[k] if k < len(cfg.epochs) else cfg.epochs[-1]
-        pad = self.tok.pad_id
+    # ---- one task (a stage: every task at once for MTL) ----------------------------------------------------
+    def epoch_plan(self, s, epoch, n_train):
+        """The epoch's micro-batches: ("new" | old task j, global sample indices), interleaved by volume."""
+        cfg = self.cfg
+        new = index_batches(n_train, cfg.batch_size, random.Random(f"{cfg.seed}-{s}-{epoch}"))
+        old = {j: index_batches(len(m), cfg.batch_size, random.Random(f"{cfg.seed}-{s}-{epoch}-{j}"))
+               for j, m in enumerate(self.memories)} if cfg.method in REPLAYING else {}
+        plan = interleave({"new": len(new), **{j: len(b) for j, b in old.items()}})
+        return [(name, new[j] if name == "new" else old[name][j]) for name, j in plan]
+
+    def train_task(self, s, at=None):
+        """Train stage s (task s; all tasks for MTL), from resume point `at` if given, then finish it."""
+        cfg, ks = self.cfg, self.stages[s]
+        train = [x for k in ks for x in encode(self.tok, self.tasks[k].train, cfg.max_len)]
+        tokens = [n_labels(x) for x in train]
+        replay = self.draw_replay(s, train)
+        before = self.attention_snapshot(s, replay, fresh=at is None or at["step"] == 0)
+        self.load_teacher(s)
+        name = "+".join(self.tasks[k].name for k in ks)
+        epochs = max(cfg.epochs[k] if k < len(cfg.epochs) else cfg.epochs[-1] for k in ks)
+        step = at["step"] if at else 0
         self.model.train()
-        step, log = 0, self.run / "metrics.jsonl"
-        for epoch in range(epochs):
-            new = batches_of(train, cfg.batch_size, pad, self.rng)
-            old = {j: self.replay_batches(m) for j, m in enumerate(self.memories)} if cfg.method != "seqft" else {}
-            plan = interleave({"new": len(new), **{j: len(b) for j, b in old.items()}})
-            bar = tqdm(plan, desc=f"{cfg.method} task {k + 1}/{len(self.tasks)} {task.name} ep {epoch + 1}", leave=False)
-            for name, j in bar:
-                batch, memory = (new[j], None) if name == "new" else (old[name][j], self.memories[name])
-                loss, terms = self.loss(batch, memory)
-                (loss / cfg.grad_accum).backward()
+        for epoch in range(at["epoch"] if at else 0, epochs):
+            plan = self.epoch_plan(s, epoch, len(train))
+            start = at["micro"] if at and epoch == at["epoch"] else 0
+            bar = tqdm(plan, desc=f"{cfg.method} task {s + 1}/{len(self.stages)} {name} ep {epoch + 1}", leave=False,
+                       initial=start, disable=self.rank != 0)
+            for i, (source, idx) in enumerate(plan[start:], start):
+                memory = None if source == "new" else self.memories[source]
+                counts = tokens if memory is None else self.memory_tokens[source]
+                part, weight = my_part(idx, self.rank, self.world)   # this rank reads only its samples
+                samples = [train[x] if memory is None else memory[x] for x in part]
+                terms = self.micro_step(samples, weight, sum(counts[x] for x in idx), len(idx), memory)
                 step += 1
-                if step % cfg.grad_accum == 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
-                    self.opt.step()
-                    self.opt.zero_grad(set_to_none=True)
+                boundary = step % cfg.grad_accum == 0
+                if boundary:
+                    penalty = self.optimizer_step()
+                    if self.ewc:
+                        terms["ewc"] = penalty
+                bar.update()
                 bar.set_postfix({key: f"{v:.3f}" for key, v in terms.items()})
-                if step % cfg.log_every == 0:
-                    with log.open("a") as f:
-                        f.write(json.dumps({"task": k, "epoch": epoch, "step": step, **terms}) + "\n")
+                if step % cfg.log_every == 0 and self.rank == 0:
+                    with self.log.open("a") as f:
+                        f.write(json.dumps({"task": s, "epoch": epoch, "step": step, **terms}) + "\n")
+                if boundary and cfg.checkpoint_every and self.engine.step % cfg.checkpoint_every == 0:
+                    self.save_resume({"task": s, "epoch": epoch, "micro": i + 1, "step": step})
+            bar.close()
         if step % cfg.grad_accum:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            self.optimizer_step()
         self.model.eval()
-        self.finish_task(k, replay, before)
+        self.finish_task(s, replay, before)
 
-    def draw_replay(self, k, n):
-        """Indices of R_k among task k's n training samples (seeded per task; none for SeqFT)."""
-        m = round(self.cfg.replay_ratio * n) if self.cfg.method != "seqft" else 0
-        if self.cfg.replay_select == "first":
-            return list(range(m))
-        return sorted(random.Random(f"{self.cfg.seed}-replay-{k}").sample(range(n), m))
-
-    def sample_rows(self, replay):
-        if not replay:
+    def draw_replay(self, s, train):
+        """R_k with its query rows: seeded per task, independent of any model (empty unless the method replays)."""
+        cfg = self.cfg
+        if cfg.method not in REPLAYING or not train:
             return []
-        rows = []
-        for s in replay:
-            mask = torch.ones(1, s["input_ids"].numel(), dtype=torch.long)
-            rows.append(H.sample_query_rows(mask, self.cfg.query_budget, self.gen)[0])
-        return rows
-
-    def needs_scores(self):
-        return self.cfg.method == "seekr" and self.cfg.head_score in ("both", "forgettability")
+        m = round(cfg.replay_ratio * len(train))
+        idx = list(range(m)) if cfg.replay_select == "first" else \
+            sorted(random.Random(f"{cfg.seed}-replay-{s}").sample(range(len(train)), m))
+        replay = [dict(train[i]) for i in idx]          # copies: rows are added to these only
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
+        for sample in replay:
+            mask = torch.ones(1, sample["input_ids"].numel(), dtype=torch.long)
+            sample["rows"] = H.sample_query_rows(mask, cfg.query_budget, gen)[0]
+        return replay
 
     def score_batches(self, replay):
-        return batches_of(replay, self.cfg.batch_size, self.tok.pad_id)
+        """R_k in global batches: (this rank's share on the device, its weight, its number of real samples)."""
+        out = []
+        for start in range(0, len(replay), self.cfg.batch_size):
+            mine, weight = my_part(replay[start:start + self.cfg.batch_size], self.rank, self.world)
+            out.append((to_device(collate(mine, self.tok.pad_id), self.device), weight, int(weight) * len(mine)))
+        return out
 
-    def attention_snapshot(self, replay):
-        if not replay:
+    def mean_over_ranks(self, values):
+        """Σ value·n / Σ n over every rank's (per-batch mean, n samples) pairs: a mean over all of R_k."""
+        total = sum(v * n for v, n in values)
+        count = torch.tensor(float(sum(n for _, n in values)), device=total.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        return total / count
+
+    def needs_forgettability(self):
+        return self.cfg.method == "seekr" and self.cfg.head_score in ("both", "forgettability")
+
+    def snapshot_path(self, s):
+        return self.run / "snapshots" / f"task{s:02d}-rank{self.rank:05d}.safetensors"
+
+    def attention_snapshot(self, s, replay, fresh):
+        """θ_{k−1}'s attention at R_k's rows, every head, in bf16 on disk (this rank's share); memory-mapped."""
+        if not replay or not self.needs_forgettability():
             return None
-        batches = self.score_batches(replay)
-        # Kept in bf16 on the CPU: every head at B_T rows of |R_k| samples, until θ_k is compared with it.
-        return [m.to("cpu", torch.bfloat16) for m in H.attention_at_rows(self.model, batches, [b["rows"] for b in batches])]
+        path = self.snapshot_path(s)
+        if fresh or not path.exists():
+            maps = {}
+            for b, (batch, _, _) in enumerate(self.score_batches(replay)):
+                maps[str(b)] = H.attention_at_rows(self.model, [batch], [batch["rows"]])[0].to("cpu", torch.bfloat16)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: save_file(maps, str(tmp)))
+        return safe_open(str(path), "pt")
 
-    def replay_batches(self, memory):
-        samples = [memory[i] for i in range(len(memory))]
-        return batches_of(samples, self.cfg.batch_size, self.tok.pad_id, self.rng)
+    def load_teacher(self, s):
+        """LwF's θ_{k−1}: a frozen hand-sharded copy of the previous task's export (none before task 2)."""
+        self.teacher = None
+        if self.cfg.method != "lwf" or s == 0:
+            return
+        path = self.checkpoint_dir(s)
+        with torch.device("meta"):
+            model = Transformer(read_args(path)).requires_grad_(False)
+        self.teacher = FSDP(model, device=self.device, compute_dtype=self.engine.compute_dtype)
+        self.teacher.load_hf(path)
 
-    def finish_task(self, k, replay, before):
+    def finish_task(self, s, replay, before):
         cfg, args = self.cfg, self.model.args
+        self.teacher = None
+        batches = self.score_batches(replay) if replay else []
         if cfg.method == "seekr" and replay:
-            batches = self.score_batches(replay)
-            S = H.task_sensitivity(self.model, batches) if cfg.head_score in ("both", "sensitivity") else None
-            Fk = None
-            if before is not None:
-                Fk = H.attention_change(before, self.model, batches, [b["rows"] for b in batches])
             ones = torch.ones(args.n_layers, args.n_heads)   # the ablations of Table 4 drop one factor
-            self.scores.add_task(self.tasks[k].name, S if S is not None else ones, Fk if Fk is not None else ones)
+            S = Fk = ones
+            if cfg.head_score in ("both", "sensitivity"):
+                S = self.mean_over_ranks([(H.task_sensitivity(self.model, [b]), n) for b, _, n in batches]).cpu()
+            if before is not None:
+                Fk = self.mean_over_ranks([(H.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]]), n)
+                                           for i, (b, _, n) in enumerate(batches)]).cpu()
+            self.scores.add_task(self.tasks[s].name, S, Fk)
             if cfg.head_score == "random":
-                flat = torch.randperm(args.n_layers * args.n_heads, generator=self.gen)[:cfg.head_budget]
+                gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
+                flat = torch.randperm(args.n_layers * args.n_heads, generator=gen)[:cfg.head_budget]
                 self.heads = sorted((int(i) // args.n_heads, int(i) % args.n_heads) for i in flat)
             else:
                 self.heads = self.scores.select(cfg.layer_budget, cfg.head_budget)
-            self.scores.save(self.run / "head_scores.safetensors")
+            if self.rank == 0:
+                self.scores.save(self.run / "head_scores.safetensors")
         if replay:
-            stored = self.heads if cfg.teacher_heads == "selected" else \
-                [(l, h) for l in range(args.n_layers) for h in range(args.n_heads)]
-            stored = stored if cfg.method == "seekr" else []
-            signals = []
-            for batch in self.score_batches(replay):
-                signals += teacher_signals(self.model, batch, stored, self.dtype)
-            write_task(self.run / "buffer", k, self.tasks[k].name, signals, stored)
-            self.memories.append(TaskMemory(self.run / "buffer", k))
-        save_hf(self.model, self.run / "checkpoints" / f"task{k + 1:02d}")
+            self.write_buffer(s, replay, batches)
+        if self.ewc:
+            train = encode(self.tok, self.tasks[s].train, cfg.max_len)
+            picked = random.Random(f"{cfg.seed}-ewc-{s}").sample(range(len(train)), min(cfg.ewc_samples, len(train)))
+            self.ewc.consolidate(self.engine, [to_device(collate([train[i]], self.tok.pad_id), self.device)
+                                               for i in picked])
 
-    def run_all(self):
-        results = self.run / "results.json"
-        base = [self.eval_fn(t) for t in self.tasks]     # θ_0's zero-shot scores, for FWT
-        for k, task in enumerate(self.tasks):
+    def write_buffer(self, s, replay, batches):
+        """θ_k's signals on R_k: each rank computes its share, rank 0 writes the task's buffer files."""
+        args = self.model.args
+        stored = []
+        if self.cfg.method == "seekr":
+            stored = self.heads if self.cfg.teacher_heads == "selected" else \
+                [(l, h) for l in range(args.n_layers) for h in range(args.n_heads)]
+        mine = []
+        for b, (batch, weight, n) in enumerate(batches):
+            if weight:
+                signals = teacher_signals(self.model, batch, stored, self.dtype, topk=self.cfg.logit_topk)
+                first = b * self.cfg.batch_size + self.rank
+                mine += [(first + j * self.world, sig) for j, sig in enumerate(signals)]
+            else:   # the other ranks run this batch: join its forward
+                teacher_signals(self.model, batch, stored, self.dtype, topk=self.cfg.logit_topk)
+        if self.rank == 0:
+            ordered = sorted((pair for part in gather(mine) for pair in part), key=lambda pair: pair[0])
+            write_task(self.run / "buffer", s, self.tasks[s].name, [sig for _, sig in ordered], stored)
+        else:
+            gather(mine)
+        if self.world > 1:
+            dist.barrier()
+        self.open_memory(s)
+
+    def open_memory(self, s):
+        memory = TaskMemory(self.run / "buffer", s)
+        self.memories.append(memory)
+        self.memory_tokens.append([n_labels(memory[i]) for i in range(len(memory))])
+
+    # ---- checkpoints, evaluation, resume ----------------------------------------------------------------------
+    def checkpoint_dir(self, s):
+        """θ after stage s−1 in HF format: task00 is θ_0, taskNN the model after the NN-th task (stage)."""
+        return self.run / "checkpoints" / f"task{s:02d}"
+
+    def evaluate_checkpoint(self, path, tasks):
+        """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
+        model = load_hf(path, dtype=self.engine.compute_dtype, device=self.device)
+        return [self.eval_fn(model, self.tasks[j]) for j in tasks]
+
+    def save_resume(self, position):
+        """A resume point: sharded weights + AdamW (+ EWC) and the run's state, then `resume/latest.json`."""
+        root, tag = self.run / "resume", "task{task:02d}-ep{epoch:03d}-mb{micro:07d}".format(**position)
+        state = {**position, "R": self.R, "base": self.base, "heads": self.heads,
+                 "metrics_bytes": self.log.stat().st_size if self.log.exists() else 0}
+        self.engine.save_sharded(root / tag, meta=state)
+        if self.ewc:
+            self.ewc.save(root / tag / f"ewc-rank{self.rank:05d}.safetensors")
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            atomic_write(root / "latest.json", lambda tmp: tmp.write_text(json.dumps({"dir": tag})))
+            for old in root.iterdir():
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old)
+        if self.world > 1:
+            dist.barrier()
+
+    def restore(self):
+        """Load the latest resume point; returns its position (task, epoch, micro, step)."""
+        latest = self.run / "resume" / "latest.json"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{latest}: no resume point in this run directory (nothing to resume)")
+        path = self.run / "resume" / json.loads(latest.read_text())["dir"]
+        state = self.engine.load_sharded(path)
+        if self.ewc:
+            self.ewc.load(path / f"ewc-rank{self.rank:05d}.safetensors", self.device)
+        s = state["task"]
+        self.R, self.base, self.heads = state["R"], state["base"], [tuple(h) for h in state["heads"]]
+        scores = self.run / "head_scores.safetensors"
+        if scores.exists():   # may hold the unfinished task's scores too: keep the finished tasks'
+            loaded = H.HeadScores.load(scores)
+            for name, S, Fk in list(zip(loaded.tasks, loaded.task_sensitivity, loaded.task_forgettability))[:s]:
+                self.scores.add_task(name, S, Fk)
+        for j in range(s):
+            if (self.run / "buffer" / f"task{j:02d}.json").exists():
+                self.open_memory(j)
+        if self.rank == 0 and self.log.exists():  # drop what was logged after the resume point
+            with self.log.open("r+") as f:
+                f.truncate(state["metrics_bytes"])
+        return state
+
+    def run_all(self, resume=False):
+        """Algorithm 1 over every task (or from the run's latest resume point); writes and returns results.json."""
+        T = len(self.tasks)
+        at = self.restore() if resume else None
+        if self.base is None:   # θ_0's zero-shot scores, for FWT
+            self.engine.export_hf(self.checkpoint_dir(0), dtype=self.engine.compute_dtype)
+            self.base = self.evaluate_checkpoint(self.checkpoint_dir(0), range(T))
+        for s in range(at["task"] if at else 0, len(self.stages)):
             start = time.time()
-            self.train_task(k)
-            for j in range(min(k + 2, len(self.tasks))):
-                self.R[k][j] = self.eval_fn(self.tasks[j])
-            with (self.run / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"task": k, "name": task.name, "scores": self.R[k][:k + 2],
-                                    "heads": self.heads, "seconds": round(time.time() - start, 1)}) + "\n")
-        summary = {"method": self.cfg.method, "tasks": [t.name for t in self.tasks], "R": self.R, "base": base,
-                   "OP": overall_performance(self.R), "BWT": backward_transfer(self.R),
-                   "FWT": forward_transfer(self.R, base), "heads": self.heads}
-        results.write_text(json.dumps(summary, indent=1))
+            self.train_task(s, at if at and at["task"] == s else None)
+            path = self.checkpoint_dir(s + 1)
+            self.engine.export_hf(path, dtype=self.engine.compute_dtype)
+            seen = T if self.cfg.method == "mtl" else min(s + 2, T)
+            self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (T - seen))
+            if self.rank == 0:
+                with self.log.open("a") as f:
+                    f.write(json.dumps({"task": s, "name": self.tasks[s].name if len(self.stages) == T else "mtl",
+                                        "scores": self.R[s][:seen], "heads": self.heads,
+                                        "seconds": round(time.time() - start, 1)}) + "\n")
+            self.save_resume({"task": s + 1, "epoch": 0, "micro": 0, "step": 0})
+            self.snapshot_path(s).unlink(missing_ok=True)   # needed until this resume point exists
+        return self.summary()
+
+    def summary(self):
+        R, base = self.R, self.base
+        if self.cfg.method == "mtl":   # one row: the joint model on every task
+            op, bwt, fwt = sum(R[0]) / len(R[0]), None, None
+        else:
+            op, bwt, fwt = overall_performance(R), backward_transfer(R), forward_transfer(R, base)
+        summary = {"method": self.cfg.method, "tasks": [t.name for t in self.tasks], "R": R, "base": base,
+                   "OP": op, "BWT": bwt, "FWT": fwt, "heads": self.heads}
+        if self.rank == 0:
+            results = self.run / "results.json"
+            atomic_write(results, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
         return summary
+

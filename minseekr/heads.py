@@ -268,9 +268,9 @@ def select_heads(importance, layer_budget, head_budget):
         raise ValueError("importance has NaN or infinite entries")
     n_layers, n_heads = importance.shape
     if not 1 <= layer_budget <= n_layers:
-        raise ValueError(f"layer_budget (B_L) must be in 1..{n_layers}, got {layer_budget}")
+        raise ValueError(f"--layer-budget (B_L) must be in 1..{n_layers} (the model's layers), got {layer_budget}")
     if not 1 <= head_budget <= layer_budget * n_heads:
-        raise ValueError(f"head_budget (B_H) must be in 1..{layer_budget * n_heads} "
+        raise ValueError(f"--head-budget (B_H) must be in 1..{layer_budget * n_heads} "
                          f"(B_L={layer_budget} layers × {n_heads} heads), got {head_budget}")
     layers = _top(importance.double().sum(1), layer_budget).sort().values             # ascending layer index
     heads = _top(importance[layers].flatten(), head_budget)                           # row-major: lower layer first

@@ -306,12 +306,14 @@ def delta_general_ability(before: dict[str, float], after: dict[str, float]) -> 
     return general_ability(after) - general_ability(before)
 
 
-def format_matrix(R, task_names: list[str], digits: int = 2) -> str:
-    """The accuracy matrix as an aligned table: row i = after training task i, column j = task j; '-' = not run."""
+def format_matrix(R, task_names: list[str], digits: int = 2, row_names: list[str] | None = None) -> str:
+    """The accuracy matrix as an aligned table: row i = after training task i (or `row_names[i]`), column j =
+    task j; '-' = not run."""
+    row_names = row_names or task_names
     width = max([len(n) for n in task_names] + [digits + 4])
-    label = max(len(n) for n in task_names) + len("after ")
+    label = max(len(n) for n in row_names) + len("after ")
     lines = [" " * label + "".join(f" {n:>{width}}" for n in task_names)]
     for i, row in enumerate(R):
         cells = "".join(f" {'-' if v is None else f'{v:.{digits}f}':>{width}}" for v in row)
-        lines.append(f"{'after ' + task_names[i]:<{label}}{cells}")
+        lines.append(f"{'after ' + row_names[i]:<{label}}{cells}")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ import torch
 
 from conftest import shared_path
 from minseekr.buffer import TaskMemory
-from minseekr.continual import ContinualConfig, ContinualTrainer, interleave
+from minseekr.checkpoint import load_hf
+from minseekr.config import ContinualConfig
+from minseekr.continual import ContinualTrainer, interleave
 from minseekr.data import Task, load_sequence
 from minseekr.model import ModelArgs, Transformer
 from minseekr.synthetic import make_records, train_tokenizer
@@ -101,6 +103,13 @@ def test_real_model_on_three_superni_tasks(tmp_path, method):
         assert len(summary["heads"]) == 4
 
 
+def test_resume_of_a_directory_train_did_not_write_names_the_missing_file(tmp_path, capsys):
+    import train as train_cli
+    with pytest.raises(SystemExit):
+        train_cli.main(["--resume", str(tmp_path)])
+    assert f"{tmp_path / 'run.json'} not found" in capsys.readouterr().err
+
+
 def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
     """`train.py --model ...` writes a run that `eval.py RUN_DIR` re-scores to the same accuracy matrix."""
     import eval as eval_cli
@@ -114,9 +123,98 @@ def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
                     "--lr", "1e-4", "--batch-size", "8", "--max-len", "256", "--replay-ratio", "0.125",
                     "--layer-budget", "1", "--head-budget", "2", "--query-budget", "8", "--max-new-tokens", "4"])
     trained = json.loads((run / "results.json").read_text())
+    (run / "results.json").unlink()
+    train_cli.main(["--resume", str(run)])                  # from the last task's resume point: nothing to redo
+    assert json.loads((run / "results.json").read_text()) == trained
     eval_cli.main([str(run), "--samples", "6"])
     evaluated = json.loads((run / "eval.json").read_text())
     assert evaluated["R"] == trained["R"] and evaluated["base"] == trained["base"]
     assert evaluated["OP"] == pytest.approx(trained["OP"])
     with pytest.raises(SystemExit, match="run.json not found"):
         eval_cli.main([str(tmp_path)])
+
+
+def small_cfg(method, **kw):
+    return ContinualConfig(**{**dict(method=method, lr=1e-3, batch_size=16, grad_accum=2, epochs=[2], max_len=32,
+                                     replay_ratio=0.25, layer_budget=1, head_budget=2, query_budget=4, lambda2=1.0,
+                                     eval_samples=8, max_new_tokens=8, log_every=1, ewc_samples=4), **kw})
+
+
+def logged(run):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["seekr", "ewc", "lwf"])
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkeypatch, method):
+    """Crash at the 7th optimiser step (task 2, mid-epoch), resume: same weights, results and log."""
+    tok, tasks = toy
+    tasks = tasks + [Task("swp", make_records("swp", 64, 0), [], make_records("swp", 8, 1))]
+    cfg = small_cfg(method, checkpoint_every=3)
+    whole = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "whole").run_all()
+
+    step = ContinualTrainer.optimizer_step
+    calls = []
+
+    def crash_at_7th(self):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("simulated crash")
+        return step(self)
+
+    monkeypatch.setattr(ContinualTrainer, "optimizer_step", crash_at_7th)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "cut").run_all()
+    monkeypatch.setattr(ContinualTrainer, "optimizer_step", step)
+    latest = json.loads((tmp_path / "cut" / "resume" / "latest.json").read_text())["dir"]
+    assert latest.startswith("task01-")                 # an in-task resume point, not a task boundary
+    resumed = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "cut").run_all(resume=True)
+
+    assert resumed == whole
+    assert logged(tmp_path / "cut") == logged(tmp_path / "whole")
+    a, b = (load_hf(tmp_path / run / "checkpoints" / "task03") for run in ("whole", "cut"))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_without_a_resume_point_names_the_file(toy, tmp_path):
+    tok, tasks = toy
+    with pytest.raises(FileNotFoundError, match="latest.json: no resume point"):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seqft"), tmp_path).run_all(resume=True)
+
+
+def test_lwf_distils_the_previous_task_model_from_task_two_on(toy, tmp_path):
+    tok, tasks = toy
+    ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("lwf"), tmp_path).run_all()
+    steps = [e for e in logged(tmp_path) if "step" in e]
+    assert all("lwf_kl" not in e for e in steps if e["task"] == 0)
+    second = [e for e in steps if e["task"] == 1]
+    assert second[0]["lwf_kl"] == pytest.approx(0.0, abs=1e-6)    # before any update θ is θ_{k−1}
+    assert max(e["lwf_kl"] for e in second) > 1e-4
+
+
+def test_ewc_penalises_moving_away_from_the_first_task(toy, tmp_path):
+    tok, tasks = toy
+    ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("ewc"), tmp_path).run_all()
+    steps = [e for e in logged(tmp_path) if "step" in e and "ewc" in e]
+    assert all(e["ewc"] == 0.0 for e in steps if e["task"] == 0)       # nothing consolidated yet
+    assert max(e["ewc"] for e in steps if e["task"] == 1) > 0
+
+
+def test_mtl_trains_once_on_every_task_and_reports_one_row(toy, tmp_path):
+    tok, tasks = toy
+    scores = iter(range(100))
+    summary = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("mtl"), tmp_path,
+                               eval_fn=lambda model, task: float(next(scores))).run_all()
+    assert summary["base"] == [0.0, 1.0] and summary["R"] == [[2.0, 3.0]]
+    assert summary["OP"] == 2.5 and summary["BWT"] is None and summary["FWT"] is None
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["task00", "task01"]
+    steps = [e for e in logged(tmp_path) if "step" in e]
+    assert len(steps) == 2 * 8                         # 2 epochs over 128 samples in batches of 16
+
+
+def test_budgets_larger_than_the_model_are_refused_before_training(toy, tmp_path):
+    tok, tasks = toy
+    with pytest.raises(ValueError, match=r"--layer-budget \(B_L\) must be in 1..2"):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seekr", layer_budget=24), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()

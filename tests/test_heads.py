@@ -286,13 +286,13 @@ def test_select_heads_on_hand_made_importances(matrix, layer_budget, head_budget
 
 def test_select_heads_names_the_budget_that_is_out_of_range():
     imp = torch.rand(4, 3)
-    with pytest.raises(ValueError, match=r"layer_budget \(B_L\) must be in 1..4, got 0"):
+    with pytest.raises(ValueError, match=r"--layer-budget \(B_L\) must be in 1..4 .*got 0"):
         select_heads(imp, 0, 1)
-    with pytest.raises(ValueError, match=r"layer_budget \(B_L\) must be in 1..4, got 5"):
+    with pytest.raises(ValueError, match=r"--layer-budget \(B_L\) must be in 1..4 .*got 5"):
         select_heads(imp, 5, 1)
-    with pytest.raises(ValueError, match=r"head_budget \(B_H\) must be in 1..6 .*got 7"):
+    with pytest.raises(ValueError, match=r"--head-budget \(B_H\) must be in 1..6 .*got 7"):
         select_heads(imp, 2, 7)
-    with pytest.raises(ValueError, match=r"head_budget \(B_H\) must be in 1..6 .*got 0"):
+    with pytest.raises(ValueError, match=r"--head-budget \(B_H\) must be in 1..6 .*got 0"):
         select_heads(imp, 2, 0)
     with pytest.raises(ValueError, match="NaN"):
         select_heads(torch.tensor([[float("nan"), 1.0]]), 1, 1)

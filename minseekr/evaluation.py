@@ -1,0 +1,41 @@
+"""Evaluation by greedy KV-cache generation, split over the ranks of a torchrun job (or one process)."""
+import torch
+import torch.distributed as dist
+
+from minseekr.data import extract_answer
+from minseekr.generate import generate
+from minseekr.metrics import score
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order."""
+    rank, world = rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, samples=0, max_len=1536, max_new_tokens=512, batch_size=32) -> float:
+    """Greedy KV-cache generation on the first `samples` test records (0 = all), scored by the task's metric (0-100).
+
+    Under torchrun every rank runs every world-th batch with its own copy of the model; predictions are gathered.
+    """
+    rank, world = rank_world()
+    records = task.test[: samples or None]
+    # Keep BOS and the newest prompt tokens, the training encoding's truncation rule.
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"], bos=False)[-(max_len - 1):] for r in records]
+    starts = list(range(0, len(prompts), batch_size))
+    mine = {}
+    for s in starts[rank::world]:
+        out = generate(model, prompts[s:s + batch_size], max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        mine[s] = [extract_answer(tokenizer.decode(o), task.name) for o in out]
+    preds = {s: p for part in gather(mine) for s, p in part.items()}
+    preds = [p for s in starts for p in preds[s]]
+    return score(task.name, preds, [r["answer"] for r in records], sources=[r["prompt"] for r in records])
