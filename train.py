@@ -97,6 +97,17 @@ def demo_base(weights: Path, tok_path: Path):
     return load_hf(weights), tok
 
 
+def draw_importance(run_dir: Path):
+    """importance.png (Fig. 5) and variation.png (Fig. 4) of a SEEKR run's head scores, if matplotlib is installed."""
+    from minseekr.heads import HeadScores
+    from tools.head_maps import draw
+    try:
+        draw(HeadScores.load(run_dir / "head_scores.safetensors"), run_dir)
+        print(f"head importance: {run_dir / 'importance.png'}")
+    except ImportError:
+        print("(pip install matplotlib, or -e .[tools], to draw the head importance as importance.png)")
+
+
 def run_demo(run: RunConfig, overrides: dict):
     from minseekr.synthetic import make_records
     root = Path(__file__).parent
@@ -114,6 +125,8 @@ def run_demo(run: RunConfig, overrides: dict):
             print0(format_matrix(summary["R"], DEMO_TASKS, row_names=["all tasks"] if method == "mtl" else None))
             print0(f"OP {summary['OP']:.1f}" + (f"  BWT {summary['BWT']:.1f}" if summary["BWT"] is not None else "") +
                    (f"  selected heads (layer, head): {summary['heads']}" if method == "seekr" else ""))
+            if method == "seekr" and dist.get_rank() == 0:
+                draw_importance(out)
     print0("\n== summary over seeds (mean OP / BWT)")
     for method, runs in results.items():
         op = sum(r["OP"] for r in runs) / len(runs)

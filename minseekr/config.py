@@ -2,6 +2,7 @@
 from dataclasses import dataclass, field
 
 METHODS = ("seqft", "replay", "derpp", "seekr", "lwf", "ewc", "mtl")
+SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -24,7 +25,8 @@ class ContinualConfig:
     query_budget: int = 100           # B_T
     head_score: str = "both"          # both (I = S·F) | sensitivity | forgettability | random (Table 4)
     teacher_heads: str = "selected"   # selected: each task keeps its own heads | all: current selection for every task
-    signal_dtype: str = "bfloat16"    # buffer logits/attention dtype
+    signal_dtype: str = "bfloat16"    # buffer logits dtype: bfloat16 | float16 | float32
+    attn_dtype: str = ""              # buffer attention rows: signal_dtype if empty, or float8_e5m2 (half the bytes)
     logit_topk: int = 0               # buffer logits: 0 = the full vocabulary, k = the teacher's top k (+ the rest)
     lwf_weight: float = 1.0           # lwf: weight of KL(θ_{k−1} ‖ θ) on the new task's answer tokens
     ewc_weight: float = 1e4           # ewc: λ of the penalty (λ/2) Σ F (θ − θ*)²
@@ -41,6 +43,10 @@ class ContinualConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {'|'.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name, allowed in (("signal_dtype", SIGNAL_DTYPES), ("attn_dtype", ("",) + SIGNAL_DTYPES + ("float8_e5m2",))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {'|'.join(a for a in allowed if a)}, "
                                  f"got {getattr(self, name)!r}")
         if not 0.0 <= self.replay_ratio <= 1.0:
             raise ValueError(f"--replay-ratio must be in [0, 1], got {self.replay_ratio}")

@@ -140,7 +140,7 @@ class ContinualTrainer:
         self.R, self.base = [], None
         self.ewc = EWC(cfg.ewc_weight) if cfg.method == "ewc" else None
         self.teacher = None                 # LwF's frozen θ_{k−1}
-        self.dtype = getattr(torch, cfg.signal_dtype)
+        self.dtype, self.attn_dtype = getattr(torch, cfg.signal_dtype), getattr(torch, cfg.attn_dtype or cfg.signal_dtype)
         self.eval_fn = eval_fn or (lambda model, task: evaluate(model, tokenizer, task, cfg.eval_samples, cfg.max_len,
                                                                 cfg.max_new_tokens))
         self.log = self.run / "metrics.jsonl"
@@ -362,11 +362,11 @@ class ContinualTrainer:
         mine = []
         for b, (batch, weight, n) in enumerate(batches):
             if weight:
-                signals = teacher_signals(self.model, batch, stored, self.dtype, topk=self.cfg.logit_topk)
+                signals = teacher_signals(self.model, batch, stored, self.dtype, self.cfg.logit_topk, self.attn_dtype)
                 first = b * self.cfg.batch_size + self.rank
                 mine += [(first + j * self.world, sig) for j, sig in enumerate(signals)]
             else:   # the other ranks run this batch: join its forward
-                teacher_signals(self.model, batch, stored, self.dtype, topk=self.cfg.logit_topk)
+                teacher_signals(self.model, batch, stored, self.dtype, self.cfg.logit_topk, self.attn_dtype)
         if self.rank == 0:
             ordered = sorted((pair for part in gather(mine) for pair in part), key=lambda pair: pair[0])
             write_task(self.run / "buffer", s, self.tasks[s].name, [sig for _, sig in ordered], stored)

@@ -111,6 +111,26 @@ def test_stored_attention_is_causal_prefixes_and_the_manifest_counts_the_bytes(m
         4 * n - p for n, p in zip(lengths, prefix))
 
 
+def test_fp8_attention_rows_halve_the_bytes_within_e5m2_precision(model, tmp_path):
+    torch.manual_seed(0)
+    batch = collate(samples_of([40, 33]), pad_id=0)
+    heads = [(0, 1), (1, 2)]
+    exact = teacher_signals(model, batch, heads, dtype=torch.float32)
+    for root, attn_dtype in (("bf16", None), ("fp8", torch.float8_e5m2)):
+        write_task(tmp_path / root, 0, "toy", teacher_signals(model, batch, heads, torch.bfloat16, attn_dtype=attn_dtype), heads)
+    bf16, fp8 = (json.loads((tmp_path / r / "task00.json").read_text())["bytes"] for r in ("bf16", "fp8"))
+    memory = TaskMemory(tmp_path / "fp8", 0)
+    assert memory[0]["attn"].dtype == torch.float8_e5m2 and memory[0]["logits"].dtype == torch.bfloat16
+    logits_bytes = sum(2 * s["logits"].numel() + 16 * s["input_ids"].numel() + 8 * 4 for s in exact)
+    assert fp8 - logits_bytes == (bf16 - logits_bytes) // 2                 # the attention rows alone halve
+    for i, s in enumerate(exact):
+        a, q = s["attn"], memory[i]["attn"].float()
+        big = a >= 2 ** -14                                                  # e5m2's normal range
+        assert ((q[big] - a[big]).abs() <= a[big] / 8 + 1e-12).all()        # 2 mantissa bits: ≤ 12.5%
+        kl = (a * (a.clamp_min(1e-30).log() - (q / q.sum(-1, keepdim=True)).clamp_min(1e-30).log())).sum(-1)
+        assert kl.max() < 5e-3                                               # the distilled rows barely move
+
+
 def test_writing_refuses_attention_beyond_a_rows_causal_prefix(tmp_path):
     sample = {"input_ids": torch.arange(5), "labels": torch.arange(5), "rows": torch.tensor([1, 4]),
               "logits": torch.zeros(4, 50), "attn": torch.ones(1, 2, 5)}

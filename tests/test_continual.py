@@ -1,5 +1,6 @@
 """Algorithm 1 end to end: what a run directory holds after SeqFT, Replay and SEEKR (mechanics, not scores)."""
 import json
+import sys
 
 import pytest
 import torch
@@ -218,3 +219,17 @@ def test_budgets_larger_than_the_model_are_refused_before_training(toy, tmp_path
     with pytest.raises(ValueError, match=r"--layer-budget \(B_L\) must be in 1..2"):
         ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seekr", layer_budget=24), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_demo_draws_seekrs_head_importance_or_says_how_to(toy, tmp_path, monkeypatch, capsys):
+    import train as train_cli
+    tok, tasks = toy
+    ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seekr", epochs=[1]), tmp_path,
+                     eval_fn=lambda model, task: 0.0).run_all()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if matplotlib were not installed
+    train_cli.draw_importance(tmp_path)
+    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "importance.png").exists()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    train_cli.draw_importance(tmp_path)
+    assert (tmp_path / "importance.png").stat().st_size > 0

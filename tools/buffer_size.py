@@ -2,6 +2,7 @@
 
     python tools/buffer_size.py                       # a few typical (length, answer) pairs, top-64 logits
     python tools/buffer_size.py --length 900 --answer 60 --padded 1536 --topk 16
+    python tools/buffer_size.py --attn-bytes 1                # attention rows in float8_e5m2 (--attn-dtype)
 
 Official (notes §3): fp32 logits over the full vocabulary at every position of the task's padded length L_k,
 plus bf16 attention rows of the selected heads over L_k keys. minseekr (minseekr/buffer.py), signals in
@@ -43,22 +44,25 @@ def main():
     p.add_argument("--answer", type=int, default=0, help="a, its labelled tokens (answer + EOS)")
     p.add_argument("--topk", type=int, default=64, help="k teacher tokens kept per labelled token")
     p.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16 signals (the default), 4 for fp32")
+    p.add_argument("--attn-bytes", type=int, default=0, help="attention rows' bytes (1: float8_e5m2); 0: --dtype-bytes")
     args = p.parse_args()
     if not 0 < args.topk <= args.vocab:
         p.error(f"--topk must be in [1, {args.vocab}], got {args.topk}")
     cases = [(args.length, args.answer)] if args.length else [(1536, 512), (1000, 100), (400, 100), (300, 2)]
     V, B_T, db, k = args.vocab, args.query_budget, args.dtype_bytes, args.topk
+    ab = args.attn_bytes or db
     all_heads = args.layers * args.heads_per_layer
-    print(f"V={V}, B_H={args.head_budget}, B_T={B_T}, L_k={args.padded}, k={k}, signals {db} B; MB (ratio to official)")
+    print(f"V={V}, B_H={args.head_budget}, B_T={B_T}, L_k={args.padded}, k={k}, logits {db} B, attention {ab} B; "
+          f"MB (ratio to official)")
     columns = ["dense rows, full", "prefix rows, full", f"prefix rows, top-{k}", f"all heads, top-{k}"]
     print(f"{'n':>6} {'a':>5} {'official':>9}" + "".join(f" {c:>18}" for c in columns))
     for n, a in cases:
         off = official(args.padded, V, args.head_budget, B_T)
         ours = [
-            logits(a, V, db) + attention(n, args.head_budget, B_T, db, prefix=False),
-            logits(a, V, db) + attention(n, args.head_budget, B_T, db),
-            logits(a, V, db, k) + attention(n, args.head_budget, B_T, db),
-            logits(a, V, db, k) + attention(n, all_heads, B_T, db),
+            logits(a, V, db) + attention(n, args.head_budget, B_T, ab, prefix=False),
+            logits(a, V, db) + attention(n, args.head_budget, B_T, ab),
+            logits(a, V, db, k) + attention(n, args.head_budget, B_T, ab),
+            logits(a, V, db, k) + attention(n, all_heads, B_T, ab),
         ]
         print(f"{n:>6} {a:>5} {off / 1e6:>9.1f}" + "".join(f" {f'{b / 1e6:.1f} ({off / b:.1f}x)':>18}" for b in ours))
 
