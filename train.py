@@ -156,6 +156,13 @@ def resumed(run_dir: str, parser):
     return run, ContinualConfig(**json.loads((run_dir / "config.json").read_text()))
 
 
+def typed_settings(ns, argv) -> dict:
+    """The ContinualConfig fields whose flags were typed: they win over DEMO, even at the library's default."""
+    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(ContinualConfig)
+            if "--" + f.name.replace("_", "-") in typed}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, RunConfig)
@@ -169,9 +176,7 @@ def main(argv=None):
     elif not run.model:
         # The demo's model is tiny: one thread beats several (and several fight over a shared CPU).
         torch.set_num_threads(run.threads or 1)
-        given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ContinualConfig)
-                 if getattr(ns, f.name) != parser.get_default(f.name)}
-        return run_demo(run, given)
+        return run_demo(run, typed_settings(ns, sys.argv[1:] if argv is None else argv))
     else:
         cfg = pick(ContinualConfig, ns)
     if not run.data or not run.order:

@@ -233,3 +233,13 @@ def test_the_demo_draws_seekrs_head_importance_or_says_how_to(toy, tmp_path, mon
     pytest.importorskip("matplotlib")
     train_cli.draw_importance(tmp_path)
     assert (tmp_path / "importance.png").stat().st_size > 0
+
+
+def test_demo_flags_typed_at_the_library_default_still_override_the_demo_settings():
+    import argparse
+
+    import train as train_cli
+    parser = argparse.ArgumentParser()
+    train_cli.add_flags(parser, ContinualConfig)
+    argv = ["--lambda2", "1000", "--epochs=3"]                 # 1000 is ContinualConfig's default, DEMO's is 100
+    assert train_cli.typed_settings(parser.parse_args(argv), argv) == {"lambda2": 1000.0, "epochs": [3]}
