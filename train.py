@@ -68,7 +68,7 @@ def pick(cls, ns):
 # ---- the built-in demo -----------------------------------------------------------------------------------
 DEMO_TASKS = ["rev", "rot", "swp", "evn"]
 DEMO = dict(lr=1e-3, weight_decay=0.0, batch_size=32, epochs=[10], max_len=32, replay_ratio=0.05, lambda1=0.5,
-            lambda2=100.0, layer_budget=2, head_budget=4, query_budget=12, eval_samples=200, max_new_tokens=8,
+            lambda2=10.0, layer_budget=2, head_budget=4, query_budget=12, eval_samples=200, max_new_tokens=8,
             log_every=20)
 
 
