@@ -109,9 +109,17 @@ class TaskMemory:
     def __len__(self):
         return self.manifest["n_samples"]
 
-    def __getitem__(self, i: int) -> dict:
+    def _check(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(f"{self.path}: sample {i} out of range, the task stores {len(self)}")
+
+    def labels(self, i: int) -> torch.Tensor:
+        """Sample i's labels alone (what counting its loss terms needs), without reading its signals."""
+        self._check(i)
+        return self._file.get_tensor(f"{i}.labels")
+
+    def __getitem__(self, i: int) -> dict:
+        self._check(i)
         s = {key: self._file.get_tensor(f"{i}.{key}") for key in self._keys}
         if "attn" in s:
             expected = (len(self.heads), int((s["rows"] + 1).sum()))

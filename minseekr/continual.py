@@ -97,9 +97,9 @@ def to_device(batch, device):
     return {key: t.to(device) for key, t in batch.items()}
 
 
-def n_labels(sample) -> int:
-    """Labelled tokens of a sample: the terms of its loss."""
-    return int((sample["labels"][1:] != -100).sum())
+def n_labels(labels) -> int:
+    """Labelled tokens of a sample's labels: the terms of its loss."""
+    return int((labels[1:] != -100).sum())
 
 
 def build_engine(model, cfg: ContinualConfig, kind="minseekr", device=None, compute_dtype=None,
@@ -223,9 +223,10 @@ class ContinualTrainer:
         """Train stage s (task s; all tasks for MTL), from resume point `at` if given, then finish it."""
         cfg, ks = self.cfg, self.stages[s]
         train = [x for k in ks for x in encode(self.tok, self.tasks[k].train, cfg.max_len)]
-        tokens = [n_labels(x) for x in train]
+        tokens = [n_labels(x["labels"]) for x in train]
         replay = self.draw_replay(s, train)
-        before = self.attention_snapshot(s, replay, fresh=at is None or at["step"] == 0)
+        scoring = self.score_batches(replay)       # R_k's batches, for θ_{k−1}'s snapshot and θ_k's scores
+        before = self.attention_snapshot(s, scoring, fresh=at is None or at["step"] == 0)
         self.load_teacher(s)
         name = "+".join(self.tasks[k].name for k in ks)
         epochs = max(cfg.epochs[k] if k < len(cfg.epochs) else cfg.epochs[-1] for k in ks)
@@ -259,7 +260,7 @@ class ContinualTrainer:
         if step % cfg.grad_accum:
             self.optimizer_step()
         self.model.eval()
-        self.finish_task(s, replay, before)
+        self.finish_task(s, train, scoring, before)
 
     def draw_replay(self, s, train):
         """R_k with its query rows: seeded per task, independent of any model (empty unless the method replays)."""
@@ -299,14 +300,14 @@ class ContinualTrainer:
     def snapshot_path(self, s):
         return self.run / "snapshots" / f"task{s:02d}-rank{self.rank:05d}.safetensors"
 
-    def attention_snapshot(self, s, replay, fresh):
+    def attention_snapshot(self, s, batches, fresh):
         """θ_{k−1}'s attention at R_k's rows, every head, in bf16 on disk (this rank's share); memory-mapped."""
-        if not replay or not self.needs_forgettability():
+        if not batches or not self.needs_forgettability():
             return None
         path = self.snapshot_path(s)
         if fresh or not path.exists():
             maps = {}
-            for b, (batch, _, _) in enumerate(self.score_batches(replay)):
+            for b, (batch, _, _) in enumerate(batches):
                 maps[str(b)] = H.attention_at_rows(self.model, [batch], [batch["rows"]])[0].to("cpu", torch.bfloat16)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: save_file(maps, str(tmp)))
@@ -323,18 +324,19 @@ class ContinualTrainer:
         self.teacher = FSDP(model, device=self.device, compute_dtype=self.engine.compute_dtype)
         self.teacher.load_hf(path)
 
-    def finish_task(self, s, replay, before):
+    def finish_task(self, s, train, batches, before):
+        """Algorithm 1, lines 8-11 with θ_k: head scores and selection, R_k's buffer, EWC's consolidation."""
         cfg, args = self.cfg, self.model.args
         self.teacher = None
-        batches = self.score_batches(replay) if replay else []
-        if cfg.method == "seekr" and replay:
+        if cfg.method == "seekr" and batches:
             ones = torch.ones(args.n_layers, args.n_heads)   # the ablations of Table 4 drop one factor
             S = Fk = ones
             if cfg.head_score in ("both", "sensitivity"):
                 S = self.mean_over_ranks([(H.task_sensitivity(self.model, [b]), n) for b, _, n in batches]).cpu()
             if before is not None:
-                Fk = self.mean_over_ranks([(H.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]]), n)
-                                           for i, (b, _, n) in enumerate(batches)]).cpu()
+                Fk = self.mean_over_ranks([
+                    (H.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]]), n)
+                    for i, (b, _, n) in enumerate(batches)]).cpu()
             self.scores.add_task(self.tasks[s].name, S, Fk)
             if cfg.head_score == "random":
                 gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
@@ -344,15 +346,14 @@ class ContinualTrainer:
                 self.heads = self.scores.select(cfg.layer_budget, cfg.head_budget)
             if self.rank == 0:
                 self.scores.save(self.run / "head_scores.safetensors")
-        if replay:
-            self.write_buffer(s, replay, batches)
+        if batches:
+            self.write_buffer(s, batches)
         if self.ewc:
-            train = encode(self.tok, self.tasks[s].train, cfg.max_len)
             picked = random.Random(f"{cfg.seed}-ewc-{s}").sample(range(len(train)), min(cfg.ewc_samples, len(train)))
             self.ewc.consolidate(self.engine, [to_device(collate([train[i]], self.tok.pad_id), self.device)
                                                for i in picked])
 
-    def write_buffer(self, s, replay, batches):
+    def write_buffer(self, s, batches):
         """θ_k's signals on R_k: each rank computes its share, rank 0 writes the task's buffer files."""
         args = self.model.args
         stored = []
@@ -360,13 +361,12 @@ class ContinualTrainer:
             stored = self.heads if self.cfg.teacher_heads == "selected" else \
                 [(l, h) for l in range(args.n_layers) for h in range(args.n_heads)]
         mine = []
-        for b, (batch, weight, n) in enumerate(batches):
+        for b, (batch, weight, _) in enumerate(batches):
+            # Every rank runs every batch's forward (an empty share runs a stand-in), keeping only real samples.
+            signals = teacher_signals(self.model, batch, stored, self.dtype, self.cfg.logit_topk, self.attn_dtype)
             if weight:
-                signals = teacher_signals(self.model, batch, stored, self.dtype, self.cfg.logit_topk, self.attn_dtype)
                 first = b * self.cfg.batch_size + self.rank
                 mine += [(first + j * self.world, sig) for j, sig in enumerate(signals)]
-            else:   # the other ranks run this batch: join its forward
-                teacher_signals(self.model, batch, stored, self.dtype, self.cfg.logit_topk, self.attn_dtype)
         if self.rank == 0:
             ordered = sorted((pair for part in gather(mine) for pair in part), key=lambda pair: pair[0])
             write_task(self.run / "buffer", s, self.tasks[s].name, [sig for _, sig in ordered], stored)
@@ -379,7 +379,7 @@ class ContinualTrainer:
     def open_memory(self, s):
         memory = TaskMemory(self.run / "buffer", s)
         self.memories.append(memory)
-        self.memory_tokens.append([n_labels(memory[i]) for i in range(len(memory))])
+        self.memory_tokens.append([n_labels(memory.labels(i)) for i in range(len(memory))])
 
     # ---- checkpoints, evaluation, resume ----------------------------------------------------------------------
     def checkpoint_dir(self, s):
@@ -449,7 +449,7 @@ class ContinualTrainer:
             self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (T - seen))
             if self.rank == 0:
                 with self.log.open("a") as f:
-                    f.write(json.dumps({"task": s, "name": self.tasks[s].name if len(self.stages) == T else "mtl",
+                    f.write(json.dumps({"task": s, "name": "mtl" if self.cfg.method == "mtl" else self.tasks[s].name,
                                         "scores": self.R[s][:seen], "heads": self.heads,
                                         "seconds": round(time.time() - start, 1)}) + "\n")
             self.save_resume({"task": s + 1, "epoch": 0, "micro": 0, "step": 0})

@@ -38,7 +38,7 @@ from minseekr.kl import attention_rows, query_rows
 from minseekr.model import sequence_loss
 
 REDUCTIONS = ("frobenius", "mean_square")
-_CHUNK_ELEMENTS = 1 << 24   # entries of ∂L/∂A held at once (64 MiB in fp32)
+CHUNK_ELEMENTS = 1 << 24   # entries of ∂L/∂A held at once (64 MiB in fp32)
 
 
 @contextmanager
@@ -94,7 +94,7 @@ def _grad_attention_sum_sq(grad_out, v, valid):
     n_kv = v.shape[1]
     g = grad_out.float().view(B, n_kv, H // n_kv, S, D)       # query heads grouped by their KV head
     vt = v.float()[:, :, None].transpose(-2, -1)               # (B, Hkv, 1, D, S)
-    chunk = max(1, _CHUNK_ELEMENTS // (B * H * S))
+    chunk = max(1, CHUNK_ELEMENTS // (B * H * S))
     total = grad_out.new_zeros(B, n_kv, H // n_kv, dtype=torch.float32)
     for start in range(0, S, chunk):
         d_attn = g[..., start:start + chunk, :] @ vt           # (B, Hkv, H/Hkv, c, S)

@@ -63,6 +63,9 @@ def test_written_task_reads_back_at_true_length_and_pads_in_batches(model, tmp_p
     for i in range(3):
         for key, t in signals[i].items():
             assert torch.equal(memory[i][key], t)
+        assert torch.equal(memory.labels(i), signals[i]["labels"])      # the labels alone, for token counts
+    with pytest.raises(IndexError, match="sample 3 out of range"):
+        memory.labels(3)
     replayed = collate([memory[i] for i in range(3)], pad_id=0)
     assert replayed["teacher_attn"].shape == (3, 2, 4, 9)
     assert replayed["teacher_attn"][1, :, :, 4:].abs().max() == 0

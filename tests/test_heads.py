@@ -70,7 +70,7 @@ def two_batches():
 
 
 def test_sensitivity_equals_retain_grad_on_full_maps_with_left_padding_and_gqa(monkeypatch):
-    monkeypatch.setattr(heads, "_CHUNK_ELEMENTS", 50)   # force several row chunks
+    monkeypatch.setattr(heads, "CHUNK_ELEMENTS", 50)   # force several row chunks
     model = tiny()
     batches = two_batches()
     got = task_sensitivity(model, batches)

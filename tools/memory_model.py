@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from minseekr.heads import _CHUNK_ELEMENTS
+from minseekr.heads import CHUNK_ELEMENTS
 from minseekr.model import ModelArgs, Transformer
 
 BF16, FP32 = 2, 4
@@ -106,7 +106,7 @@ def memory_terms(args: ModelArgs, s: Setting) -> list[Term]:
     else:
         blocks = Term("block activations: every block's saved tensors", "all", "L × 1 block",
                       L * block_activations(args, B, S))
-    rows = min(S, max(1, _CHUNK_ELEMENTS // (B * H * S)))  # query rows of ∂L/∂A per chunk (heads.py)
+    rows = min(S, max(1, CHUNK_ELEMENTS // (B * H * S)))  # query rows of ∂L/∂A per chunk (heads.py)
     return [
         Term("parameters, fp32 shard", "all", "4·P/N", FP32 * shard),
         Term("gradients, fp32 shard", "all", "4·P/N", FP32 * shard),
