@@ -171,12 +171,13 @@ def main(argv=None):
     run = pick(RunConfig, ns)
     if run.threads:
         torch.set_num_threads(run.threads)
+    typed = typed_settings(ns, sys.argv[1:] if argv is None else argv)
     if run.resume:
         run, cfg = resumed(run.resume, parser)
     elif not run.model:
         # The demo's model is tiny: one thread beats several (and several fight over a shared CPU).
         torch.set_num_threads(run.threads or 1)
-        return run_demo(run, typed_settings(ns, sys.argv[1:] if argv is None else argv))
+        return run_demo(run, typed)
     else:
         cfg = pick(ContinualConfig, ns)
     if not run.data or not run.order:
@@ -187,7 +188,7 @@ def main(argv=None):
     for t in tasks:
         t.train = t.train[:run.train_samples or None]
         t.test = t.test[:run.test_samples or None]
-    if not run.resume and ns.epochs == ContinualConfig().epochs:
+    if not run.resume and "epochs" not in typed:   # the order's epochs (Appendix B) unless --epochs was typed
         cfg.epochs = epochs
     engine = load_engine(run, cfg)
     if engine.rank == 0:

@@ -124,6 +124,7 @@ def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
                     "--lr", "1e-4", "--batch-size", "8", "--max-len", "256", "--replay-ratio", "0.125",
                     "--layer-budget", "1", "--head-budget", "2", "--query-budget", "8", "--max-new-tokens", "4"])
     trained = json.loads((run / "results.json").read_text())
+    assert json.loads((run / "config.json").read_text())["epochs"] == [1]   # typed, though the default: not the order's 10
     (run / "results.json").unlink()
     train_cli.main(["--resume", str(run)])                  # from the last task's resume point: nothing to redo
     assert json.loads((run / "results.json").read_text()) == trained
