@@ -19,46 +19,66 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minseekr.checkpoint import load_hf
-from minseekr.config import ContinualConfig
+from minseekr.checkpoint import load_hf, read_args
+from minseekr.config import PRESETS, ContinualConfig, option, preset, resolve
 from minseekr.continual import ContinualTrainer, build_engine
 from minseekr.data import Task, load_sequence
 from minseekr.fsdp import init_distributed, load_hf_sharded, print0
-from minseekr.metrics import format_matrix
+from minseekr.metrics import format_matrix, format_summary
 from minseekr.model import ModelArgs, Transformer
 from minseekr.tokenizer import Tokenizer
 
 
 @dataclass
 class RunConfig:
-    model: str = ""          # HF checkpoint directory (config.json + safetensors); empty runs the demo
-    tokenizer: str = ""      # SentencePiece tokenizer.model (default: MODEL/tokenizer.model)
-    data: str = ""           # folder holding the task folders
-    order: str = ""          # order1 | order2 | order3 | order4, or comma-separated task folder names
-    out: str = "runs/run"    # run directory
-    dtype: str = ""          # compute dtype: float32 | bfloat16 (default: bfloat16 on GPUs, float32 on the CPU)
-    fsdp: str = "minseekr"   # minseekr (the hand-written engine) | torch (PyTorch's FSDP2, the peer)
-    activation_checkpointing: bool = False  # recompute each block in backward (long sequences, big models)
-    resume: str = ""         # a run directory to continue from its latest resume point (its flags are reused)
-    threads: int = 0         # torch CPU threads (0 = torch's default)
-    train_samples: int = 0   # first N training records per task (0 = all): quick runs
-    test_samples: int = 0    # first N test records per task kept in the run (0 = all)
-    demo_seeds: str = "0"    # demo only: comma-separated seeds to repeat the comparison over
-    demo_methods: str = "seqft,replay,seekr"  # demo only: the methods compared
+    model: str = option("", "HF checkpoint directory (config.json + safetensors); empty runs the demo")
+    tokenizer: str = option("", "SentencePiece tokenizer.model (default: MODEL/tokenizer.model)")
+    data: str = option("", "folder holding the task folders")
+    order: str = option("", "order1 | order2 | order3 | order4 (Table 5), or comma-separated task folder names")
+    out: str = option("runs/run", "run directory")
+    preset: str = option("", "every setting as the paper (paper) or the authors' script (official) uses it; "
+                         "typed flags still win", ("",) + PRESETS)
+    dtype: str = option("", "compute dtype (default: bfloat16 on GPUs, float32 on the CPU)",
+                        ("", "float32", "bfloat16"))
+    fsdp: str = option("minseekr", "training engine: the hand-written FSDP (minseekr) or PyTorch's FSDP2 (torch)",
+                       ("minseekr", "torch"))
+    activation_checkpointing: bool = option(False, "recompute each block in backward (long sequences, big models)")
+    resume: str = option("", "continue this run directory from its latest resume point, with its own settings")
+    threads: int = option(0, "torch CPU threads (0 = torch's default)")
+    train_samples: int = option(0, "first N training records per task (0 = all): quick runs")
+    test_samples: int = option(0, "first N test records per task kept in the run (0 = all)")
+    demo_seeds: str = option("0", "demo only: comma-separated seeds to repeat the comparison over")
+    demo_methods: str = option("seqft,replay,seekr", "demo only: the methods compared")
 
 
 def add_flags(parser, cls):
+    """One --flag per dataclass field, with the field's help, its choices and its default."""
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if "default" not in help:
+            help += f" (default: {','.join(map(str, default)) if isinstance(default, (list, tuple)) else default!r})"
         if isinstance(default, (list, tuple)):
             kind = type(default[0]) if default else int
-            parser.add_argument(flag, default=default, help=f"comma-separated, default {default}",
+            parser.add_argument(flag, default=default, help=help, metavar="A,B,...",
                                 type=lambda s, kind=kind: [kind(x) for x in s.split(",")])
         elif isinstance(default, bool):
-            parser.add_argument(flag, default=default, type=lambda s: s.lower() in ("1", "true", "yes"))
+            parser.add_argument(flag, default=default, help=help, choices=(True, False),
+                                type=lambda s: s.lower() in ("1", "true", "yes"))
         else:
-            parser.add_argument(flag, default=default, type=type(default), help=f"default {default}")
+            parser.add_argument(flag, default=default, type=type(default), help=help,
+                                choices=[c for c in choices if c] if choices else None)
+
+
+def typed_flags(argv) -> set:
+    """The field names whose flags were typed on the command line (`--flag value` or `--flag=value`)."""
+    return {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def typed_settings(ns, typed: set) -> dict:
+    """The ContinualConfig fields whose flags were typed: they win over every other layer, even at the default."""
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(ContinualConfig) if f.name in typed}
 
 
 def pick(cls, ns):
@@ -68,8 +88,7 @@ def pick(cls, ns):
 # ---- the built-in demo -----------------------------------------------------------------------------------
 DEMO_TASKS = ["rev", "rot", "swp", "evn"]
 DEMO = dict(lr=1e-3, weight_decay=0.0, batch_size=32, epochs=[10], max_len=32, replay_ratio=0.05, lambda1=0.5,
-            lambda2=10.0, layer_budget=2, head_budget=4, query_budget=12, eval_samples=200, max_new_tokens=8,
-            log_every=20)
+            lambda2=10.0, layer_budget=2, head_budget=4, query_budget=12, eval_samples=200, max_new_tokens=8)
 
 
 def demo_base(weights: Path, tok_path: Path):
@@ -89,7 +108,7 @@ def demo_base(weights: Path, tok_path: Path):
     model = Transformer(ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=tok.vocab_size, hidden_dim=256,
                                   max_seq_len=32, tie_embeddings=True))
     model.init_weights()
-    cfg = ContinualConfig(**{**DEMO, "method": "seqft", "epochs": [4]})
+    cfg = resolve(DEMO, {"method": "seqft", "epochs": [4]})
     base = [Task("cpy", make_records("cpy", 2000, seed=0), [], make_records("cpy", 100, seed=1))]
     trainer = ContinualTrainer(model, tok, base, cfg, weights / "pretrain-run")
     trainer.train_task(0)
@@ -116,15 +135,14 @@ def run_demo(run: RunConfig, overrides: dict):
     for seed in [int(s) for s in run.demo_seeds.split(",")]:
         tasks = [Task(t, make_records(t, 1000, seed), [], make_records(t, 200, seed + 1000)) for t in DEMO_TASKS]
         for method in run.demo_methods.split(","):
-            cfg = ContinualConfig(**{**DEMO, **overrides, "method": method, "seed": seed})
+            cfg = resolve(DEMO, overrides, {"method": method, "seed": seed})
             out = Path(run.out) / f"demo-seed{seed}" / method
             engine = build_engine(copy.deepcopy(base), cfg, run.fsdp)
             summary = ContinualTrainer(engine, tok, tasks, cfg, out).run_all()
             results.setdefault(method, []).append(summary)
             print0(f"\n== {method} (seed {seed}): accuracy R[i][j] after task i on task j")
             print0(format_matrix(summary["R"], DEMO_TASKS, row_names=["all tasks"] if method == "mtl" else None))
-            print0(f"OP {summary['OP']:.1f}" + (f"  BWT {summary['BWT']:.1f}" if summary["BWT"] is not None else "") +
-                   (f"  selected heads (layer, head): {summary['heads']}" if method == "seekr" else ""))
+            print0(format_summary(summary))
             if method == "seekr" and dist.get_rank() == 0:
                 draw_importance(out)
     print0("\n== summary over seeds (mean OP / BWT)")
@@ -146,40 +164,38 @@ def load_engine(run: RunConfig, cfg: ContinualConfig):
     return build_engine(load_hf(run.model, dtype=torch.float32), cfg, "torch", device, dtype, run.activation_checkpointing)
 
 
-def resumed(run_dir: str, parser):
-    """The RunConfig and ContinualConfig a run directory was started with."""
+def resumed(run_dir: str, parser, typed: set):
+    """The RunConfig and ContinualConfig a run directory was started with; typed flags other than --threads
+    would change the run and are refused."""
     run_dir = Path(run_dir)
     for name in ("run.json", "config.json"):
         if not (run_dir / name).is_file():
             parser.error(f"--resume {run_dir}: {run_dir / name} not found (a run directory of train.py --model ...)")
+    changed = sorted(typed - {"resume", "threads"})
+    if changed:
+        parser.error(f"--resume continues {run_dir} with its own settings; drop --{', --'.join(n.replace('_', '-') for n in changed)}")
     run = RunConfig(**{**json.loads((run_dir / "run.json").read_text()), "resume": str(run_dir)})
     return run, ContinualConfig(**json.loads((run_dir / "config.json").read_text()))
-
-
-def typed_settings(ns, argv) -> dict:
-    """The ContinualConfig fields whose flags were typed: they win over DEMO, even at the library's default."""
-    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(ContinualConfig)
-            if "--" + f.name.replace("_", "-") in typed}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, RunConfig)
     add_flags(parser, ContinualConfig)
+    argv = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(argv)
+    typed = typed_flags(argv)
     run = pick(RunConfig, ns)
+    if run.resume:
+        run, cfg = resumed(run.resume, parser, typed)
+        if "threads" in typed:
+            run.threads = ns.threads
     if run.threads:
         torch.set_num_threads(run.threads)
-    typed = typed_settings(ns, sys.argv[1:] if argv is None else argv)
-    if run.resume:
-        run, cfg = resumed(run.resume, parser)
-    elif not run.model:
+    if not run.model:
         # The demo's model is tiny: one thread beats several (and several fight over a shared CPU).
         torch.set_num_threads(run.threads or 1)
-        return run_demo(run, typed)
-    else:
-        cfg = pick(ContinualConfig, ns)
+        return run_demo(run, typed_settings(ns, typed))
     if not run.data or not run.order:
         parser.error("--model needs --data ROOT and --order NAME (or comma-separated task folders)")
     tok = Tokenizer(run.tokenizer or str(Path(run.model) / "tokenizer.model"))
@@ -188,8 +204,11 @@ def main(argv=None):
     for t in tasks:
         t.train = t.train[:run.train_samples or None]
         t.test = t.test[:run.test_samples or None]
-    if not run.resume and "epochs" not in typed:   # the order's epochs (Appendix B) unless --epochs was typed
-        cfg.epochs = epochs
+    if not run.resume:   # precedence: library defaults < the order's epochs < the preset < typed flags
+        typed_cfg = typed_settings(ns, typed)
+        ratio = typed_cfg.get("replay_ratio", ContinualConfig.replay_ratio)
+        chosen = preset(run.preset, ratio, read_args(run.model).n_layers) if run.preset else {}
+        cfg = resolve({"epochs": epochs}, chosen, typed_cfg)
     engine = load_engine(run, cfg)
     if engine.rank == 0:
         Path(run.out).mkdir(parents=True, exist_ok=True)
@@ -197,7 +216,7 @@ def main(argv=None):
         (Path(run.out) / "run.json").write_text(json.dumps(spec, indent=1))
     summary = ContinualTrainer(engine, tok, tasks, cfg, run.out).run_all(resume=bool(run.resume))
     print0(format_matrix(summary["R"], summary["tasks"], row_names=["all tasks"] if cfg.method == "mtl" else None))
-    print0(f"OP {summary['OP']:.2f}" + (f"  BWT {summary['BWT']:.2f}" if summary["BWT"] is not None else ""))
+    print0(format_summary(summary))
 
 
 if __name__ == "__main__":

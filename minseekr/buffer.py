@@ -118,6 +118,11 @@ class TaskMemory:
         self._check(i)
         return self._file.get_tensor(f"{i}.labels")
 
+    def rows(self, i: int) -> torch.Tensor:
+        """Sample i's query rows alone (what normalising its attention term needs)."""
+        self._check(i)
+        return self._file.get_tensor(f"{i}.rows")
+
     def __getitem__(self, i: int) -> dict:
         self._check(i)
         s = {key: self._file.get_tensor(f"{i}.{key}") for key in self._keys}
@@ -133,7 +138,8 @@ class TaskMemory:
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-pad samples into a batch; stored teacher rows are padded with zeros, logits stacked in label order."""
+    """Right-pad samples into a batch: query rows padded with −1, teacher rows with zeros (to the longest sample
+    and the most rows), teacher logits stacked in label order."""
     B, S = len(samples), max(s["input_ids"].numel() for s in samples)
     batch = {
         "input_ids": torch.full((B, S), pad_id, dtype=torch.long),
@@ -145,13 +151,15 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         batch["input_ids"][b, :n] = s["input_ids"]
         batch["labels"][b, :n] = s["labels"]
         batch["attention_mask"][b, :n] = 1
-    if "rows" in samples[0]:
-        batch["rows"] = torch.stack([s["rows"] for s in samples])
-    if "attn" in samples[0]:
-        H, T = samples[0]["attn"].shape[:2]
-        batch["teacher_attn"] = torch.zeros(B, H, T, S)
+    if "rows" in samples[0]:   # samples shorter than B_T have fewer rows: padding rows are −1, their teacher 0
+        T = max(s["rows"].numel() for s in samples)
+        batch["rows"] = torch.full((B, T), -1, dtype=torch.long)
         for b, s in enumerate(samples):
-            batch["teacher_attn"][b, :, :, :s["attn"].shape[-1]] = s["attn"].float()
+            batch["rows"][b, :s["rows"].numel()] = s["rows"]
+    if "attn" in samples[0]:
+        batch["teacher_attn"] = torch.zeros(B, samples[0]["attn"].shape[0], batch["rows"].shape[1], S)
+        for b, s in enumerate(samples):
+            batch["teacher_attn"][b, :, :s["attn"].shape[1], :s["attn"].shape[2]] = s["attn"].float()
     # Samples are right-padded, so concatenating their labelled tokens is the batch's row-major label order.
     if "logits" in samples[0]:
         batch["teacher_logits"] = torch.cat([s["logits"] for s in samples]).float()           # (N, V)
@@ -200,6 +208,24 @@ def logit_kl(student_logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return top + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
 
 
+def logit_mse(student_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """DER++'s original logit term per labelled token (N,): the mean over the vocabulary of (student − teacher)².
+
+    Buzzega et al. (2020) regress the stored logits; SEEKR's Eq. 3 uses the KL (`logit_kl`). Same inputs as
+    `logit_kl` with full teacher logits (top-k logits cannot be regressed).
+    """
+    if "teacher_logits" not in batch:
+        raise KeyError("logit_mse needs the teacher's full logits (a buffer written with --logit-topk 0)")
+    if student_logits.dim() == 3:
+        predicting = batch["labels"][:, 1:] != -100
+        student_logits = student_logits[:, :-1][predicting.to(student_logits.device)]
+    s = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    teacher = batch["teacher_logits"].to(s.device, s.dtype)
+    if teacher.shape != s.shape:
+        raise ValueError(f"teacher_logits is {tuple(teacher.shape)}, expected the student's {tuple(s.shape)}")
+    return (s - teacher).square().mean(-1)
+
+
 class RowRecorder:
     """Probe that keeps the attention rows of chosen heads at chosen query rows, without S×S maps."""
 
@@ -234,17 +260,17 @@ def teacher_signals(model, batch: dict, heads: list[tuple[int, int]], dtype=torc
     V = logits.shape[-1]
     if not 0 <= topk <= V:
         raise ValueError(f"topk must be in [0, {V}] (0 keeps all logits), got {topk}")
-    B, T = batch["rows"].shape
     # One transfer for the whole batch; each sample's slice is then cloned so it does not pin the batch tensor.
     attn = recorder.stacked(heads).to("cpu", attn_dtype) if heads else None  # (B, |H|, T, S)
     samples = []
-    for b in range(B):
+    for b in range(batch["rows"].shape[0]):
         n = int(batch["attention_mask"][b].sum())
         labels = batch["labels"][b, :n]
         predicting = (labels[1:] != -100).nonzero().squeeze(1)              # position p-1 predicts label p
+        rows = batch["rows"][b][batch["rows"][b] >= 0].to("cpu", copy=True)    # without the padding rows
         s = {"input_ids": batch["input_ids"][b, :n].to("cpu", copy=True), "labels": labels.to("cpu", copy=True),
-             "rows": batch["rows"][b].to("cpu", copy=True),
-             "attn": attn[b, :, :, :n].clone() if heads else torch.zeros(0, T, n, dtype=attn_dtype)}
+             "rows": rows,
+             "attn": attn[b, :, :len(rows), :n].clone() if heads else torch.zeros(0, len(rows), n, dtype=attn_dtype)}
         if topk:
             logp, ids = logits[b, predicting].float().log_softmax(-1).topk(topk, -1)      # (a, k), largest first
             s["topk_logp"] = logp.to("cpu", dtype)

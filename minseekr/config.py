@@ -1,54 +1,112 @@
-"""The continual-learning run's settings; every field is a train.py flag (underscores become dashes)."""
-from dataclasses import dataclass, field
+"""The continual-learning run's settings; every field is a train.py flag (underscores become dashes).
+
+Defaults are the paper's (Sec. 4.1, Appendix B, the equations as written). Each place where the authors' code
+chooses differently is one field away, named after what it does; `--preset official` sets them all
+(train.py). A field's `help` and `choices` become its flag's help text and allowed values.
+"""
+from dataclasses import dataclass, field, fields
 
 METHODS = ("seqft", "replay", "derpp", "seekr", "lwf", "ewc", "mtl")
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 
 
+def option(default, help, choices=None):
+    """A config field with its flag's one-line help and, for enumerations, its allowed values."""
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**kwargs, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class ContinualConfig:
-    method: str = "seekr"             # seqft | replay | derpp | seekr | lwf | ewc | mtl
-    lr: float = 1e-5                  # AdamW, constant (the paper's 7B setting)
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.95)
-    clip: float = 1.0                 # global gradient-norm clip
-    batch_size: int = 16              # sequences per micro-step, summed over ranks
-    grad_accum: int = 1               # micro-steps per optimiser step
-    epochs: list = field(default_factory=lambda: [1])  # per task (one value repeats)
-    max_len: int = 1536               # left truncation of prompt+answer
-    replay_ratio: float = 0.01        # |R_k| / |D_k|
-    replay_select: str = "random"     # random (paper) | first (official code: the first items of train.json)
-    lambda1: float = 0.5              # CE vs logit-KL mix on replayed samples (Eq. 13)
-    lambda2: float = 1e3              # attention-distillation weight (Eq. 13)
-    layer_budget: int = 24            # B_L
-    head_budget: int = 128            # B_H
-    query_budget: int = 100           # B_T
-    head_score: str = "both"          # both (I = S·F) | sensitivity | forgettability | random (Table 4)
-    teacher_heads: str = "selected"   # selected: each task keeps its own heads | all: current selection for every task
-    signal_dtype: str = "bfloat16"    # buffer logits dtype: bfloat16 | float16 | float32
-    attn_dtype: str = ""              # buffer attention rows: signal_dtype if empty, or float8_e5m2 (half the bytes)
-    logit_topk: int = 0               # buffer logits: 0 = the full vocabulary, k = the teacher's top k (+ the rest)
-    lwf_weight: float = 1.0           # lwf: weight of KL(θ_{k−1} ‖ θ) on the new task's answer tokens
-    ewc_weight: float = 1e4           # ewc: λ of the penalty (λ/2) Σ F (θ − θ*)²
-    ewc_samples: int = 64             # ewc: samples of D_k for the diagonal Fisher
-    eval_samples: int = 200           # test records per task (0 = all)
-    max_new_tokens: int = 64
-    checkpoint_every: int = 0         # optimiser steps between resume points inside a task (0: after tasks only)
-    seed: int = 1234
-    log_every: int = 10
+    method: str = option("seekr", "continual-learning method", METHODS)
+    lr: float = option(1e-5, "AdamW learning rate, constant (the paper's 7B setting)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay on matrices and embeddings")
+    betas: tuple = option((0.9, 0.95), "AdamW betas (the official code's)")
+    clip: float = option(1.0, "global gradient-norm clip")
+    batch_size: int = option(16, "sequences per micro-step, summed over ranks")
+    grad_accum: int = option(1, "micro-steps per optimiser step; the step's gradient is their mean")
+    epochs: list = option([1], "epochs per task (one value repeats); default: the order's (Appendix B)")
+    max_len: int = option(1536, "training length: left truncation of BOS + prompt + answer + EOS")
+    replay_ratio: float = option(0.01, "|R_k| / |D_k|: the share of each task kept for replay")
+    replay_select: str = option("random", "R_k: a random draw (paper) or the first items of train.json (official)",
+                                ("random", "first"))
+    lambda1: float = option(0.5, "λ1 of Eq. 13: CE versus logit distillation on replayed samples")
+    lambda2: float = option(1e3, "λ2 of Eq. 13: the attention-distillation weight")
+    layer_budget: int = option(24, "B_L: layers that may hold distilled heads (Eq. 11)")
+    head_budget: int = option(128, "B_H: distilled heads (Eq. 11)")
+    query_budget: int = option(100, "B_T: query rows distilled per sample; 0 = every row (the official script)")
+    head_score: str = option("both", "head ranking: I = S·F, or one factor, or random (Table 4's ablations)",
+                             ("both", "sensitivity", "forgettability", "random"))
+    importance: str = option("paper", "I = (Σ_k S̃^k)(Σ_k F^k) (paper, Eq. 8-10) or Σ_k S̃^k·F^k (official)",
+                             ("paper", "official"))
+    sensitivity_entries: str = option("valid", "∂L/∂A entries in S: causal and real (paper) or every entry (official)",
+                                      ("valid", "all"))
+    sensitivity_norm: str = option("frobenius", "S per sample: ‖∂L/∂A‖_F (paper, Eq. 7) or mean of squares (official)",
+                                   ("frobenius", "mean_square"))
+    forgettability_norm: str = option("frobenius", "F per sample: ‖ΔA‖_F (paper, Eq. 9) or mean of squares (official)",
+                                      ("frobenius", "mean_square"))
+    ad_norm: str = option("mean", "L_ad: mean over samples × heads × rows (mean), or per-layer batchmean, "
+                          "÷ micro-batch, mean over layers (official)", ("mean", "official"))
+    logit_loss: str = option("kl", "logit distillation: KL(teacher ‖ student) (Eq. 3) or MSE of logits (DER++'s)",
+                             ("kl", "mse"))
+    teacher_heads: str = option("selected", "heads stored per task: its own selection (official) or all (Eq. 12)",
+                                ("selected", "all"))
+    signal_dtype: str = option("bfloat16", "dtype of the buffer's teacher logits", SIGNAL_DTYPES)
+    attn_dtype: str = option("", "dtype of the buffer's attention rows (empty: --signal-dtype)",
+                             ("",) + SIGNAL_DTYPES + ("float8_e5m2",))
+    logit_topk: int = option(0, "buffer logits: 0 = the whole vocabulary, k = the teacher's top k (+ the rest)")
+    lwf_weight: float = option(1.0, "lwf: weight of KL(θ_{k−1} ‖ θ) on the new task's answer tokens")
+    ewc_weight: float = option(1e4, "ewc: λ of the penalty (λ/2) Σ F (θ − θ*)²")
+    ewc_samples: int = option(64, "ewc: samples of D_k for the diagonal Fisher")
+    eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)")
+    max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)")
+    max_prompt_len: int = option(1024, "evaluation prompts: left truncation to this many tokens (BOS kept)")
+    checkpoint_every: int = option(0, "optimiser steps between resume points inside a task (0: after tasks only)")
+    seed: int = option(1234, "the seed of every draw")
 
     def __post_init__(self):
-        choices = {"method": METHODS, "head_score": ("both", "sensitivity", "forgettability", "random"),
-                   "teacher_heads": ("selected", "all"), "replay_select": ("random", "first")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {'|'.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
-        for name, allowed in (("signal_dtype", SIGNAL_DTYPES), ("attn_dtype", ("",) + SIGNAL_DTYPES + ("float8_e5m2",))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {'|'.join(a for a in allowed if a)}, "
-                                 f"got {getattr(self, name)!r}")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {'|'.join(a for a in allowed if a)}, "
+                                 f"got {getattr(self, f.name)!r}")
         if not 0.0 <= self.replay_ratio <= 1.0:
             raise ValueError(f"--replay-ratio must be in [0, 1], got {self.replay_ratio}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"--batch-size and --grad-accum must be ≥ 1, got {self.batch_size}, {self.grad_accum}")
+        if self.logit_loss == "mse" and self.logit_topk:
+            raise ValueError("--logit-loss mse compares whole logit vectors: it needs --logit-topk 0 (full logits)")
+
+
+# The settings each reading of the method uses, beyond what ContinualConfig's defaults already hold. The paper
+# (Sec. 4.1): batch 128, lr 1e-5, λ1 0.5, λ2 1e3 at 1% replay and 1e2 at 10%, B_H 128, B_L 24 (8 for 13B
+# models or 10% replay), B_T 100. The authors' script (reference notes §1-§8): the same optimiser and batch,
+# λ2 1e3 everywhere, B_T = 0 (every row), the first 1% of train.json, and its own normalisations.
+_OFFICIAL = dict(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, clip=1.0, batch_size=16, grad_accum=8, max_len=1536,
+                 replay_ratio=0.01, replay_select="first", lambda1=0.5, lambda2=1e3, layer_budget=24, head_budget=128,
+                 query_budget=0, importance="official", sensitivity_entries="all", sensitivity_norm="mean_square",
+                 forgettability_norm="mean_square", ad_norm="official", logit_loss="kl", max_prompt_len=1024,
+                 max_new_tokens=512, eval_samples=0)
+PRESETS = ("paper", "official")
+
+
+def preset(name: str, replay_ratio: float, n_layers: int) -> dict:
+    """The settings of `--preset paper|official` for a run at this replay ratio on a model of n_layers layers."""
+    if name == "official":
+        return dict(_OFFICIAL, replay_ratio=replay_ratio)
+    if name != "paper":
+        raise ValueError(f"--preset must be one of {'|'.join(PRESETS)}, got {name!r}")
+    ten_percent, thirteen_b = replay_ratio >= 0.1, n_layers == 40   # Vicuna-13B has 40 layers
+    return dict(_OFFICIAL, replay_ratio=replay_ratio, replay_select="random", lambda2=1e2 if ten_percent else 1e3,
+                layer_budget=8 if ten_percent or thirteen_b else 24, query_budget=100, importance="paper",
+                sensitivity_entries="valid", sensitivity_norm="frobenius", forgettability_norm="frobenius",
+                ad_norm="mean")
+
+
+def resolve(*layers: dict) -> ContinualConfig:
+    """ContinualConfig from its defaults overridden by each layer in turn (later wins): in train.py the order's
+    epochs, then the preset, then the demo's settings, then the flags typed on the command line."""
+    merged = {}
+    for layer in layers:
+        merged.update(layer)
+    return ContinualConfig(**merged)

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from minseekr import heads as H
 from minseekr.baselines import EWC
-from minseekr.buffer import TaskMemory, collate, logit_kl, teacher_signals, write_task
+from minseekr.buffer import TaskMemory, collate, logit_kl, logit_mse, teacher_signals, write_task
 from minseekr.checkpoint import atomic_write, load_hf, read_args
 from minseekr.config import ContinualConfig
 from minseekr.evaluation import evaluate, gather
@@ -134,24 +134,34 @@ class ContinualTrainer:
         args = self.model.args
         if cfg.method == "seekr":   # fail before training, not after the first task
             H.select_heads(torch.ones(args.n_layers, args.n_heads), cfg.layer_budget, cfg.head_budget)
+        if cfg.method in REPLAYING:
+            for task in tasks[:-1]:   # the last task's R_k is never replayed, but is drawn all the same
+                if round(cfg.replay_ratio * len(task.train)) == 0:
+                    raise ValueError(f"--replay-ratio {cfg.replay_ratio} keeps round({cfg.replay_ratio} × "
+                                     f"{len(task.train)}) = 0 samples of task {task.name} ({len(task.train)} training "
+                                     f"samples), so --method {cfg.method} would replay nothing of it: use "
+                                     f"--replay-ratio ≥ {1 / len(task.train):.3g}, or more training samples")
         self.scores = H.HeadScores(args.n_layers, args.n_heads)
         self.heads = []                     # the current selection H (Algorithm 1, line 10)
-        self.memories, self.memory_tokens = [], []   # TaskMemory per finished task; labelled tokens per sample
+        self.memories = []                  # TaskMemory per finished task
+        self.memory_tokens, self.memory_rows = [], []   # per finished task and sample: labelled tokens, query rows
         self.R, self.base = [], None
         self.ewc = EWC(cfg.ewc_weight) if cfg.method == "ewc" else None
         self.teacher = None                 # LwF's frozen θ_{k−1}
         self.dtype, self.attn_dtype = getattr(torch, cfg.signal_dtype), getattr(torch, cfg.attn_dtype or cfg.signal_dtype)
-        self.eval_fn = eval_fn or (lambda model, task: evaluate(model, tokenizer, task, cfg.eval_samples, cfg.max_len,
-                                                                cfg.max_new_tokens))
+        self.eval_fn = eval_fn or (lambda model, task: evaluate(
+            model, tokenizer, task, cfg.eval_samples, cfg.max_prompt_len, cfg.max_new_tokens, progress=self.rank == 0))
         self.log = self.run / "metrics.jsonl"
 
     # ---- one micro-step -------------------------------------------------------------------------------
-    def micro_step(self, samples, weight, n_tokens, n_samples, memory=None):
+    def micro_step(self, samples, weight, counts, memory=None, n_micro=1):
         """Backward of this rank's share of one global micro-batch; the batch's loss terms (global means).
 
-        `samples` and `weight` are this rank's share (`my_part`); `n_tokens` and `n_samples` count the global
-        batch's labelled tokens and samples; `memory` is the old task a replayed batch comes from.
+        `samples` and `weight` are this rank's share (`my_part`); `counts` holds the global batch's labelled
+        tokens, samples and query rows; `memory` is the old task a replayed batch comes from; the optimiser
+        step's gradient is the mean over its `n_micro` micro-batches.
         """
+        n_tokens = counts["tokens"]
         cfg = self.cfg
         batch = to_device(collate(samples, self.tok.pad_id), self.device)
         probe = None
@@ -172,19 +182,27 @@ class ContinualTrainer:
         else:
             sums["replay_ce"] = (ce, n_tokens)
             if cfg.method in ("derpp", "seekr"):
-                ld = logit_kl(logits[:, :-1][predicting], batch).sum()
+                distil = logit_kl if cfg.logit_loss == "kl" else logit_mse
+                ld = distil(logits[:, :-1][predicting], batch).sum()
                 loss = cfg.lambda1 * loss + (1 - cfg.lambda1) * ld / n_tokens
-                sums["logit_kl"] = (ld, n_tokens)
+                sums[f"logit_{cfg.logit_loss}"] = (ld, n_tokens)
             if probe is not None:
-                ad = probe.total()
-                n_ad = n_samples * len(self.distilled_heads(memory)) * batch["rows"].shape[1]
+                ad, n_ad = self.attention_loss(probe, counts, len(self.distilled_heads(memory)))
                 loss = loss + cfg.lambda2 * ad / n_ad
                 sums["attn_kl"] = (ad, n_ad)
-        (loss * (weight * self.world)).backward()
+        (loss * (weight * self.world / n_micro)).backward()
         values = torch.tensor([float(s.detach()) * weight for s, _ in sums.values()], device=self.device)
         if self.world > 1:
             dist.all_reduce(values)
         return {name: v.item() / float(n) for (name, (_, n)), v in zip(sums.items(), values)}
+
+    def attention_loss(self, probe, counts, n_heads):
+        """L_ad of this rank's samples as (sum, global divisor): the mean over the global batch's (sample, head,
+        row) terms (`mean`), or the official per-layer batchmean (over each sample's heads × rows) divided by the
+        micro-batch and averaged over the distilled layers (`official`). Eq. 12's plain sum would tie λ2 to B_H·B_T."""
+        if self.cfg.ad_norm == "mean":
+            return probe.total(), n_heads * counts["rows"]
+        return probe.layer_means().sum(), counts["samples"] * len(probe.kl)
 
     def distilled_heads(self, memory):
         return memory.heads if self.cfg.teacher_heads == "selected" else self.heads
@@ -202,12 +220,13 @@ class ContinualTrainer:
         return AttentionKL(by_layer, batch["rows"], teacher, batch["attention_mask"])
 
     def optimizer_step(self):
-        """EWC's penalty gradient (if any), global-norm clip, AdamW on the shards; returns the EWC penalty."""
-        penalty = self.ewc.add_penalty_grad(self.engine) if self.ewc else 0.0
-        self.engine.clip_grad_norm_(self.cfg.clip)
+        """EWC's penalty gradient (if any), global-norm clip, AdamW on the shards; returns the step's logged terms:
+        the gradient norm before clipping (penalty included) and EWC's penalty."""
+        terms = {"ewc": self.ewc.add_penalty_grad(self.engine)} if self.ewc else {}
+        terms["grad_norm"] = float(self.engine.clip_grad_norm_(self.cfg.clip))
         self.engine.optimizer_step(self.cfg.lr)
         self.engine.zero_grad()
-        return penalty
+        return terms
 
     # ---- one task (a stage: every task at once for MTL) ----------------------------------------------------
     def epoch_plan(self, s, epoch, n_train):
@@ -230,37 +249,48 @@ class ContinualTrainer:
         self.load_teacher(s)
         name = "+".join(self.tasks[k].name for k in ks)
         epochs = max(cfg.epochs[k] if k < len(cfg.epochs) else cfg.epochs[-1] for k in ks)
+        plans = [self.epoch_plan(s, epoch, len(train)) for epoch in range(epochs)]
+        total = sum(len(plan) for plan in plans)   # micro-steps in the task; the last optimiser step may take fewer
         step = at["step"] if at else 0
+        logged = {}                                 # loss terms of the optimiser step in progress: name -> [sum, n]
         self.model.train()
         for epoch in range(at["epoch"] if at else 0, epochs):
-            plan = self.epoch_plan(s, epoch, len(train))
+            plan = plans[epoch]
             start = at["micro"] if at and epoch == at["epoch"] else 0
             bar = tqdm(plan, desc=f"{cfg.method} task {s + 1}/{len(self.stages)} {name} ep {epoch + 1}", leave=False,
                        initial=start, disable=self.rank != 0)
             for i, (source, idx) in enumerate(plan[start:], start):
                 memory = None if source == "new" else self.memories[source]
-                counts = tokens if memory is None else self.memory_tokens[source]
                 part, weight = my_part(idx, self.rank, self.world)   # this rank reads only its samples
                 samples = [train[x] if memory is None else memory[x] for x in part]
-                terms = self.micro_step(samples, weight, sum(counts[x] for x in idx), len(idx), memory)
+                first = step - step % cfg.grad_accum
+                counts = {"tokens": sum((tokens if memory is None else self.memory_tokens[source])[x] for x in idx),
+                          "samples": len(idx),
+                          "rows": 0 if memory is None else sum(self.memory_rows[source][x] for x in idx)}
+                terms = self.micro_step(samples, weight, counts, memory, n_micro=min(cfg.grad_accum, total - first))
+                for key, value in terms.items():
+                    logged.setdefault(key, [0.0, 0])
+                    logged[key][0] += value
+                    logged[key][1] += 1
                 step += 1
-                boundary = step % cfg.grad_accum == 0
-                if boundary:
-                    penalty = self.optimizer_step()
-                    if self.ewc:
-                        terms["ewc"] = penalty
                 bar.update()
                 bar.set_postfix({key: f"{v:.3f}" for key, v in terms.items()})
-                if step % cfg.log_every == 0 and self.rank == 0:
-                    with self.log.open("a") as f:
-                        f.write(json.dumps({"task": s, "epoch": epoch, "step": step, **terms}) + "\n")
-                if boundary and cfg.checkpoint_every and self.engine.step % cfg.checkpoint_every == 0:
-                    self.save_resume({"task": s, "epoch": epoch, "micro": i + 1, "step": step})
+                if step % cfg.grad_accum == 0 or step == total:
+                    self.log_step(s, epoch, logged)
+                    logged = {}
+                    if cfg.checkpoint_every and self.engine.step % cfg.checkpoint_every == 0:
+                        self.save_resume({"task": s, "epoch": epoch, "micro": i + 1, "step": step})
             bar.close()
-        if step % cfg.grad_accum:
-            self.optimizer_step()
         self.model.eval()
         self.finish_task(s, train, scoring, before)
+
+    def log_step(self, s, epoch, logged):
+        """One optimiser step: clip, update, and a metrics.jsonl line (its terms averaged over its micro-steps)."""
+        record = {"task": s, "epoch": epoch, **{key: total / n for key, (total, n) in logged.items()}}
+        record.update(self.optimizer_step())
+        if self.rank == 0:
+            with self.log.open("a") as f:
+                f.write(json.dumps({**record, "step": self.engine.step}) + "\n")
 
     def draw_replay(self, s, train):
         """R_k with its query rows: seeded per task, independent of any model (empty unless the method replays)."""
@@ -272,7 +302,7 @@ class ContinualTrainer:
             sorted(random.Random(f"{cfg.seed}-replay-{s}").sample(range(len(train)), m))
         replay = [dict(train[i]) for i in idx]          # copies: rows are added to these only
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
-        for sample in replay:
+        for sample in replay:   # min(n, B_T) distinct rows per sample (every row when B_T = 0)
             mask = torch.ones(1, sample["input_ids"].numel(), dtype=torch.long)
             sample["rows"] = H.sample_query_rows(mask, cfg.query_budget, gen)[0]
         return replay
@@ -305,7 +335,12 @@ class ContinualTrainer:
         if not batches or not self.needs_forgettability():
             return None
         path = self.snapshot_path(s)
-        if fresh or not path.exists():
+        if not fresh and not path.exists():
+            raise FileNotFoundError(
+                f"{path}: θ_{{k−1}}'s attention on R_k for task {s} ({self.tasks[s].name}) is missing, and this resume "
+                f"point is inside the task: forgettability (Eq. 9) cannot be rebuilt from partly trained weights. "
+                f"Restore the file, or start the run again")
+        if fresh:
             maps = {}
             for b, (batch, _, _) in enumerate(batches):
                 maps[str(b)] = H.attention_at_rows(self.model, [batch], [batch["rows"]])[0].to("cpu", torch.bfloat16)
@@ -332,18 +367,20 @@ class ContinualTrainer:
             ones = torch.ones(args.n_layers, args.n_heads)   # the ablations of Table 4 drop one factor
             S = Fk = ones
             if cfg.head_score in ("both", "sensitivity"):
-                S = self.mean_over_ranks([(H.task_sensitivity(self.model, [b]), n) for b, _, n in batches]).cpu()
+                S = self.mean_over_ranks([(H.task_sensitivity(self.model, [b], entries=cfg.sensitivity_entries,
+                                                              norm=cfg.sensitivity_norm), n)
+                                          for b, _, n in batches]).cpu()
             if before is not None:
                 Fk = self.mean_over_ranks([
-                    (H.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]]), n)
+                    (H.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]],
+                                        norm=cfg.forgettability_norm), n)
                     for i, (b, _, n) in enumerate(batches)]).cpu()
             self.scores.add_task(self.tasks[s].name, S, Fk)
             if cfg.head_score == "random":
                 gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
-                flat = torch.randperm(args.n_layers * args.n_heads, generator=gen)[:cfg.head_budget]
-                self.heads = sorted((int(i) // args.n_heads, int(i) % args.n_heads) for i in flat)
+                self.heads = H.random_heads(args.n_layers, args.n_heads, cfg.head_budget, gen)
             else:
-                self.heads = self.scores.select(cfg.layer_budget, cfg.head_budget)
+                self.heads = self.scores.select(cfg.layer_budget, cfg.head_budget, cfg.importance)
             if self.rank == 0:
                 self.scores.save(self.run / "head_scores.safetensors")
         if batches:
@@ -380,6 +417,7 @@ class ContinualTrainer:
         memory = TaskMemory(self.run / "buffer", s)
         self.memories.append(memory)
         self.memory_tokens.append([n_labels(memory.labels(i)) for i in range(len(memory))])
+        self.memory_rows.append([memory.rows(i).numel() for i in range(len(memory))])
 
     # ---- checkpoints, evaluation, resume ----------------------------------------------------------------------
     def checkpoint_dir(self, s):
@@ -459,11 +497,13 @@ class ContinualTrainer:
     def summary(self):
         R, base = self.R, self.base
         if self.cfg.method == "mtl":   # one row: the joint model on every task
-            op, bwt, fwt = sum(R[0]) / len(R[0]), None, None
+            op, bwt, bwt_t, fwt = sum(R[0]) / len(R[0]), None, None, None
         else:
-            op, bwt, fwt = overall_performance(R), backward_transfer(R), forward_transfer(R, base)
+            op, fwt = overall_performance(R), forward_transfer(R, base)
+            bwt, bwt_t = backward_transfer(R), backward_transfer(R, over_all_tasks=True)
         summary = {"method": self.cfg.method, "tasks": [t.name for t in self.tasks], "R": R, "base": base,
-                   "OP": op, "BWT": bwt, "FWT": fwt, "heads": self.heads}
+                   "OP": op, "BWT": bwt, "BWT_T": bwt_t, "FWT": fwt, "heads": self.heads,
+                   "run_dir": str(self.run.resolve())}
         if self.rank == 0:
             results = self.run / "results.json"
             atomic_write(results, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))

@@ -168,8 +168,7 @@ def extract_answer(text: str, task: str | None = None) -> str:
     4. stripped of surrounding whitespace;
     5. for multiple-choice tasks (scored by first-character accuracy: C-STANCE, FOMC, ScienceQA), only the
        first character.
-    An empty answer stays "" (the official code writes " "; both score 0, except that fuzz.ratio would give
-    " " a positive Py150 similarity: `metrics.score` gives every empty prediction 0).
+    An empty answer stays "" (the official code writes " " here; `metrics.score` scores a blank as " ").
     """
     text = text.replace("：", ":")
     if "\nReasoning:" in text:
@@ -180,6 +179,6 @@ def extract_answer(text: str, task: str | None = None) -> str:
                 text = text.split(marker)[1]
                 break
     text = text.strip()
-    if task is not None and task_metric(task) == "first-char-accuracy":
+    if task is not None and task_metric(task) in ("first-char-accuracy", "letter-accuracy"):
         text = text[:1]
     return text

@@ -1,6 +1,7 @@
 """Evaluation by greedy KV-cache generation, split over the ranks of a torchrun job (or one process)."""
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from minseekr.data import extract_answer
 from minseekr.generate import generate
@@ -22,18 +23,20 @@ def gather(obj) -> list:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, task, samples=0, max_len=1536, max_new_tokens=512, batch_size=32) -> float:
+def evaluate(model, tokenizer, task, samples=0, max_prompt_len=1024, max_new_tokens=512, batch_size=32,
+             progress=False) -> float:
     """Greedy KV-cache generation on the first `samples` test records (0 = all), scored by the task's metric (0-100).
 
-    Under torchrun every rank runs every world-th batch with its own copy of the model; predictions are gathered.
+    As the official inference: prompts keep BOS and their newest `max_prompt_len` − 1 tokens, generation stops
+    at EOS or after `max_new_tokens`. Under torchrun every rank runs every world-th batch with its own copy of
+    the model; predictions are gathered. `progress` shows a bar over this rank's batches.
     """
     rank, world = rank_world()
     records = task.test[: samples or None]
-    # Keep BOS and the newest prompt tokens, the training encoding's truncation rule.
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"], bos=False)[-(max_len - 1):] for r in records]
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"], bos=False)[-(max_prompt_len - 1):] for r in records]
     starts = list(range(0, len(prompts), batch_size))
     mine = {}
-    for s in starts[rank::world]:
+    for s in tqdm(starts[rank::world], desc=f"eval {task.name}", leave=False, disable=not progress):
         out = generate(model, prompts[s:s + batch_size], max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         mine[s] = [extract_answer(tokenizer.decode(o), task.name) for o in out]
     preds = {s: p for part in gather(mine) for s, p in part.items()}

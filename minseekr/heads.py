@@ -19,10 +19,15 @@ No S×S map of every head is ever materialised. Both measures stand on the model
   q and k, layer by layer, and can be split in two (`attention_at_rows` before training, `attention_change`
   after it) so a trainer never holds two models.
 
-The paper's measures are Frobenius norms over the valid (causal, non-padded) entries. The official code
-differs (reference notes §4, §8): it averages (∂L/∂A)² over every entry of the padded L×L map, masked future
-and pad keys included (`include_masked=True, reduce="mean_square"`), and uses the mean squared change for
-forgettability (`reduce="mean_square"`); both are options here.
+The paper's measures are Frobenius norms over the valid (causal, non-padded) entries, and I = S·F with S and F
+each summed over tasks. The official code differs (reference notes §4, §8): it averages (∂L/∂A)² over every entry
+of the padded L×L map, masked future and pad keys included (`entries="all", norm="mean_square"`), uses the mean
+squared change for forgettability (`norm="mean_square"`) and accumulates the per-task products,
+I = Σ_k S̃^k·F^k (`importance="official"`); each is an option here.
+
+Query rows. `sample_query_rows` draws B_T distinct real rows per sample; a sample with fewer real tokens
+contributes each of them once, and B_T = 0 takes every row. Rows are (B, T) with PAD_ROW (−1) after a shorter
+sample's rows, and every consumer (here, `kl`, `buffer`) treats a padding row as absent.
 """
 import json
 from contextlib import contextmanager
@@ -37,7 +42,10 @@ from minseekr.checkpoint import atomic_write
 from minseekr.kl import attention_rows, query_rows
 from minseekr.model import sequence_loss
 
-REDUCTIONS = ("frobenius", "mean_square")
+NORMS = ("frobenius", "mean_square")
+ENTRIES = ("valid", "all")
+IMPORTANCES = ("paper", "official")
+PAD_ROW = -1   # a query-row slot with no row (a sample shorter than the others' rows)
 CHUNK_ELEMENTS = 1 << 24   # entries of ∂L/∂A held at once (64 MiB in fp32)
 
 
@@ -69,23 +77,28 @@ def _all_rows(real):
     return torch.arange(S, device=real.device).expand(B, S)
 
 
+def _real_rows(real, rows):
+    """(B, T) bool: rows[b, t] is a query row (not PAD_ROW) at a real token."""
+    return (rows >= 0) & real.gather(1, rows.clamp(min=0))
+
+
 def _valid_entries(real, rows):
     """(B, T, S) bool: key s is real and at or before the real query row rows[b, t]."""
     keys = torch.arange(real.shape[1], device=real.device)
     causal = keys <= rows[..., None]                                                  # (B, T, S)
-    return causal & real[:, None, :] & real.gather(1, rows)[..., None]
+    return causal & real[:, None, :] & _real_rows(real, rows)[..., None]
 
 
-def _reduce(sum_sq, n_entries, reduce):
+def _reduce(sum_sq, n_entries, norm):
     """Per-sample ‖·‖_F from a sum of squares, or the mean square over the sample's n_entries."""
-    if reduce == "frobenius":
+    if norm == "frobenius":
         return sum_sq.sqrt()
     return sum_sq / n_entries.clamp(min=1)
 
 
-def _check_reduce(reduce):
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {'|'.join(allowed)}, got {value!r}")
 
 
 def _grad_attention_sum_sq(grad_out, v, valid):
@@ -103,15 +116,16 @@ def _grad_attention_sum_sq(grad_out, v, valid):
     return total.view(B, H)
 
 
-def task_sensitivity(model, batches, *, include_masked=False, reduce="frobenius"):
+def task_sensitivity(model, batches, *, entries="valid", norm="frobenius"):
     """Eq. 7: S^k_{l,h} = E_(x,y) ‖∂L(x,y)/∂A_{l,h}‖_F per head, (n_layers, n_heads), not yet normalised.
 
-    L is each sample's own mean answer loss (`sequence_loss`). By default the norm runs over the valid
-    entries (causal, real query and key), as the paper's A has them; `include_masked=True` takes every entry
-    of the batch's S×S map, future and pad keys too, as the official code does. `reduce="mean_square"` is the
-    official per-sample mean of (∂L/∂A)² over those entries. The parameters' `.grad` is not touched.
+    L is each sample's own mean answer loss (`sequence_loss`). `entries="valid"` (the paper's A) takes the
+    causal entries between real tokens; `"all"` every entry of the batch's S×S map, future and pad keys too,
+    as the official code does. `norm="mean_square"` is the official per-sample mean of (∂L/∂A)² over those
+    entries instead of the Frobenius norm. The parameters' `.grad` is not touched.
     """
-    _check_reduce(reduce)
+    _check_choice("sensitivity entries", entries, ENTRIES)
+    _check_choice("sensitivity norm", norm, NORMS)
     device = model.device
     total, n_samples = 0.0, 0
     with _evaluating(model), torch.enable_grad():
@@ -129,12 +143,12 @@ def task_sensitivity(model, batches, *, include_masked=False, reduce="frobenius"
 
             logits = model(ids, real.long(), probe=probe)
             grads = torch.autograd.grad(sequence_loss(logits, labels).sum(), outs)
-            if include_masked:
+            if entries == "all":
                 valid = torch.ones(ids.shape[0], ids.shape[1], ids.shape[1], dtype=torch.bool, device=device)
             else:
                 valid = _valid_entries(real, _all_rows(real))
             n_entries = valid.sum((-2, -1))[:, None]                                  # (B, 1)
-            per_sample = torch.stack([_reduce(_grad_attention_sum_sq(g, v, valid), n_entries, reduce)
+            per_sample = torch.stack([_reduce(_grad_attention_sum_sq(g, v, valid), n_entries, norm)
                                       for g, v in zip(grads, values)])               # (L, B, H)
             total = total + per_sample.sum(1)
             n_samples += ids.shape[0]
@@ -174,8 +188,8 @@ def attention_at_rows(model, batches, rows=None):
     """The attention probabilities of every layer and head at each batch's query rows: (L, B, H, T, S) per batch.
 
     `rows` is one (B, T) tensor of positions per batch (e.g. from `sample_query_rows`); None takes every
-    position (T = S). Entries outside a row's causal, non-padded prefix are zero; rows at pad positions (only
-    with None) mean nothing and `attention_change` ignores them. fp32 on the model's device (a caller may
+    position (T = S). Entries outside a row's causal, non-padded prefix are zero, and so are PAD_ROW rows;
+    rows at pad positions (only with None) mean nothing and `attention_change` ignores them. fp32 on the model's device (a caller may
     store them on CPU or in bf16: `attention_change` casts back).
     """
     device = model.device
@@ -190,54 +204,61 @@ def attention_at_rows(model, batches, rows=None):
     return maps
 
 
-def _change_sums(before, model, batch, rows, reduce, device):
+def _change_sums(before, model, batch, rows, norm, device):
     """Σ over the batch's samples of each head's change between `before` (L, B, H, T, S) and `model`: (L, H)."""
     ids, _, real = _unpack(batch, device)
     rows = _all_rows(real) if rows is None else rows.to(device)
     valid = _valid_entries(real, rows)                                                # (B, T, S)
     n_entries = valid.sum((-2, -1))[:, None]                                          # (B, 1)
+    # A sample's squared norm over its T sampled rows, times n/T (n real rows), estimates the full map's without
+    # bias (rows are drawn uniformly without replacement); 1 when every row is taken.
+    scale = (real.sum(-1) / _real_rows(real, rows).sum(-1).clamp(min=1))[:, None]     # (B, 1)
     sums = []
 
     def on_layer(layer, probs):
         diff_sq = (probs - before[layer].to(probs)).square().mul(valid[:, None])    # (B, H, T, S)
-        sums.append(_reduce(diff_sq.sum((-2, -1)), n_entries, reduce).sum(0))
+        sum_sq = diff_sq.sum((-2, -1))
+        if norm == "frobenius":
+            sum_sq = sum_sq * scale
+        sums.append(_reduce(sum_sq, n_entries, norm).sum(0))
 
     _forward_at_rows(model, ids, real, rows, on_layer)
     return torch.stack(sums), ids.shape[0]
 
 
-def attention_change(before, after, batches, rows=None, *, reduce="frobenius"):
+def attention_change(before, after, batches, rows=None, *, norm="frobenius"):
     """Eq. 9's per-task term E‖A^k − A^{k−1}‖_F per head, (L, H): `before` from `attention_at_rows`, `after` a model.
 
     The batches and rows must be those `before` was computed on. Only the `after` maps of one layer exist at a time.
     """
-    _check_reduce(reduce)
+    _check_choice("forgettability norm", norm, NORMS)
     device = after.device
     total, n_samples = 0.0, 0
     with _evaluating(after):
         for before_b, (batch, r) in zip(before, _batch_rows(batches, rows), strict=True):
-            sums, n = _change_sums(before_b, after, batch, r, reduce, device)
+            sums, n = _change_sums(before_b, after, batch, r, norm, device)
             total, n_samples = total + sums, n_samples + n
     if n_samples == 0:
         raise ValueError("batches is empty: forgettability needs at least one sample")
     return total / n_samples
 
 
-def forgettability(model_after, model_before, batches, *, rows=None, reduce="frobenius"):
+def forgettability(model_after, model_before, batches, *, rows=None, norm="frobenius"):
     """Eq. 9: F^k_{l,h} = E_(x,y) ‖A^k_{l,h} − A^{k−1}_{l,h}‖_F over the valid entries, (n_layers, n_heads).
 
-    With `rows` (one (B, T) tensor per batch, from `sample_query_rows`) only those query rows enter the norm:
-    it then estimates the paper's norm from a uniform sample of rows (its square is, in expectation, T/n of
-    the full squared norm for a sample of n ≥ T tokens). `reduce="mean_square"` is the official code's mean
-    squared difference (here over the valid entries). Batch by batch: `attention_at_rows` then `attention_change`.
+    With `rows` (one (B, T) tensor per batch, from `sample_query_rows`) only those query rows are computed: each
+    sample's sum of squares over its T rows is scaled by n/T (n its real rows) before the square root, so the
+    square is an unbiased estimate of the full map's; with every row taken (B_T ≥ n) it is the full norm exactly.
+    `norm="mean_square"` is the official code's mean squared difference (here over the valid entries of the
+    rows taken). Batch by batch: `attention_at_rows` then `attention_change`.
     """
-    _check_reduce(reduce)
+    _check_choice("forgettability norm", norm, NORMS)
     total, n_samples = 0.0, 0
     for batch, r in _batch_rows(batches, rows):
         r = None if r is None else [r]
         before = attention_at_rows(model_before, [batch], r)
         n = batch["input_ids"].shape[0]
-        total = total + n * attention_change(before, model_after, [batch], r, reduce=reduce)
+        total = total + n * attention_change(before, model_after, [batch], r, norm=norm)
         n_samples += n
     if n_samples == 0:
         raise ValueError("batches is empty: forgettability needs at least one sample")
@@ -250,6 +271,14 @@ def importance(sensitivity, forgettability):
         raise ValueError(f"sensitivity {tuple(sensitivity.shape)} and forgettability "
                          f"{tuple(forgettability.shape)} must have the same (n_layers, n_heads) shape")
     return sensitivity * forgettability
+
+
+def random_heads(n_layers, n_heads, head_budget, generator):
+    """Table 4's "random" ablation: B_H heads drawn uniformly among all heads, a sorted list of (layer, head)."""
+    if not 1 <= head_budget <= n_layers * n_heads:
+        raise ValueError(f"--head-budget (B_H) must be in 1..{n_layers * n_heads}, got {head_budget}")
+    flat = torch.randperm(n_layers * n_heads, generator=generator)[:head_budget]
+    return sorted((int(i) // n_heads, int(i) % n_heads) for i in flat)
 
 
 def _top(scores, k):
@@ -278,26 +307,27 @@ def select_heads(importance, layer_budget, head_budget):
 
 
 def sample_query_rows(attention_mask, budget, generator=None):
-    """B_T query rows (B, B_T) per sample, drawn uniformly among its real tokens and sorted; seeded by `generator`.
+    """Up to B_T query rows per sample (B, T), distinct, drawn uniformly among its real tokens and sorted.
 
-    A sample with n ≥ B_T real tokens gets B_T distinct rows. A shorter one gets each of its n real rows once
-    and B_T − n more drawn with replacement among them (the official code draws all B_T with replacement), so
-    every row is covered and the tensor stays rectangular; repeated rows count once per occurrence downstream.
+    A sample with n ≥ B_T real tokens gets B_T of them; a shorter one gets each of its n rows once (the
+    official code draws B_T with replacement, repeating rows). B_T = 0 takes every real row. T is the largest
+    count in the batch; a sample with fewer rows is padded with PAD_ROW. Seeded by `generator`.
     """
-    if budget < 1:
-        raise ValueError(f"query budget (B_T) must be at least 1, got {budget}")
+    if budget < 0:
+        raise ValueError(f"query budget (B_T) must be ≥ 0 (0 = every row), got {budget}")
     rows = []
     for b, real in enumerate(attention_mask.bool().cpu()):
         positions = real.nonzero().flatten()
         n = len(positions)
         if n == 0:
             raise ValueError(f"attention_mask: sample {b} has no real token to draw query rows from")
-        if n >= budget:
-            picked = positions[torch.randperm(n, generator=generator)[:budget]]
-        else:
-            picked = torch.cat([positions, positions[torch.randint(n, (budget - n,), generator=generator)]])
+        picked = positions if budget == 0 or n <= budget else positions[torch.randperm(n, generator=generator)[:budget]]
         rows.append(picked.sort().values)
-    return torch.stack(rows).to(attention_mask.device)
+    T = max(len(r) for r in rows)
+    padded = torch.full((len(rows), T), PAD_ROW, dtype=torch.long)
+    for b, r in enumerate(rows):
+        padded[b, :len(r)] = r
+    return padded.to(attention_mask.device)
 
 
 @dataclass
@@ -329,13 +359,17 @@ class HeadScores:
         """Eq. 9: F = Σ_k F^k (zeros before the first task)."""
         return sum(self.task_forgettability, torch.zeros(self.n_layers, self.n_heads))
 
-    def importance(self):
-        """Eq. 10 on the accumulated S and F."""
-        return importance(self.sensitivity, self.forgettability)
+    def importance(self, kind="paper"):
+        """Eq. 10 on the accumulated S and F (paper), or Σ_k S̃^k·F^k, the official code's accumulation (official)."""
+        _check_choice("importance", kind, IMPORTANCES)
+        if kind == "paper":
+            return importance(self.sensitivity, self.forgettability)
+        return sum((importance(normalize_per_layer(s), f) for s, f in zip(self.task_sensitivity, self.task_forgettability)),
+                   torch.zeros(self.n_layers, self.n_heads))
 
-    def select(self, layer_budget, head_budget):
+    def select(self, layer_budget, head_budget, importance="paper"):
         """Eq. 11 on the accumulated importance."""
-        return select_heads(self.importance(), layer_budget, head_budget)
+        return select_heads(self.importance(importance), layer_budget, head_budget)
 
     def save(self, path):
         """Write one safetensors file (per-task terms stacked (K, L, H), task names in its JSON metadata), atomically."""

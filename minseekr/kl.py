@@ -70,8 +70,8 @@ def _check(q_rows, k, rows, key_mask, kv_heads, teacher=None):
         raise ValueError(f"k has shape {tuple(k.shape)}, expected ({B}, H_kv, S, {D}) to match q_rows")
     if rows.shape != (B, T) or rows.dtype != torch.long:
         raise ValueError(f"rows must be a long tensor of shape {(B, T)}, got {rows.dtype} {tuple(rows.shape)}")
-    if rows.numel() and (rows.min() < 0 or rows.max() >= S):
-        raise ValueError(f"rows must index positions in [0, {S}), got [{rows.min()}, {rows.max()}]")
+    if rows.numel() and (rows.min() < -1 or rows.max() >= S):
+        raise ValueError(f"rows must index positions in [0, {S}) or be −1 (no row), got [{rows.min()}, {rows.max()}]")
     if key_mask is not None and key_mask.shape != (B, S):
         raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, expected {(B, S)}")
     if teacher is not None:
@@ -90,8 +90,9 @@ def _check(q_rows, k, rows, key_mask, kv_heads, teacher=None):
 def attention_rows(q_rows, k, rows, key_mask=None, *, kv_heads=None, chunk: int = 4) -> torch.Tensor:
     """Eq. 4 at the sampled rows: softmax(q_t·Kᵀ/√d + causal and padding mask) (B, H, T, S), fp32.
 
-    q_rows (B, H, T, d) are the queries at positions rows (B, T); k (B, H_kv, S, d); key_mask (B, S)
-    with 1 = real token. Entries at invalid keys are exactly 0 (a row with no valid key is all 0).
+    q_rows (B, H, T, d) are the queries at positions rows (B, T), −1 marking a padding row; k (B, H_kv, S, d);
+    key_mask (B, S) with 1 = real token. Entries at invalid keys are exactly 0 (a row with no valid key, such as
+    a padding row, is all 0).
     """
     kv_heads = _check(q_rows, k, rows, key_mask, kv_heads)
     B, H, T, _ = q_rows.shape
@@ -165,7 +166,8 @@ def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None, chun
     """Eq. 5/12 per term: KL(A^k_{l,h,t} ‖ A_{l,h,t}) (B, H, T) for the sampled rows, fused.
 
     Same inputs as `attention_rows`, plus teacher (B, H, T, S) probabilities (zeros outside the
-    valid prefix). Differentiable in q_rows and k; returns fp32 (fp64 for fp64 inputs) and leaves
+    valid prefix); a padding row (−1) has no valid key, so its term and its gradient are exactly 0.
+    Differentiable in q_rows and k; returns fp32 (fp64 for fp64 inputs) and leaves
     the reduction over heads, rows and samples to the caller. `chunk` query heads are processed
     at a time, which bounds the transient (B, chunk, T, S) blocks.
     """
@@ -177,9 +179,10 @@ def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None, chun
 
 def query_rows(q, heads, rows, n_kv_heads):
     """The probe's q (B, H, S, d) at query heads `heads` (h,) and positions `rows` (B, T): (B, h, T, d), plus
-    each selected head's KV head (h,) for `kv_heads=` (GQA without copying k)."""
+    each selected head's KV head (h,) for `kv_heads=` (GQA without copying k). A padding row (−1) reads
+    position 0; every consumer masks it out."""
     batch = torch.arange(q.shape[0], device=q.device)[:, None, None]
-    return q[batch, heads[None, :, None], rows[:, None, :]], heads // (q.shape[1] // n_kv_heads)
+    return q[batch, heads[None, :, None], rows.clamp(min=0)[:, None, :]], heads // (q.shape[1] // n_kv_heads)
 
 
 class AttentionKL:
@@ -208,3 +211,9 @@ class AttentionKL:
     def total(self) -> torch.Tensor:
         """Σ over layers, heads, rows and samples of the KL terms: L_ad of Eq. 12 summed over the batch."""
         return sum(kl.sum() for kl in self.kl.values())
+
+    def layer_means(self) -> torch.Tensor:
+        """(B,) Σ over layers of each sample's mean KL over that layer's heads and the sample's rows: the
+        official code's per-layer `batchmean`, before its division by the micro-batch and the layer count."""
+        n_rows = (self.rows >= 0).sum(-1).clamp(min=1)                                  # (B,)
+        return sum(kl.sum((1, 2)) / (kl.shape[1] * n_rows) for kl in self.kl.values())

@@ -4,14 +4,16 @@ Per-answer metrics reproduce the tools the official SEEKR/TRACE code scores with
 against that tool's published values; each keeps its tool's scale:
 
     exact_match, first_char_accuracy   1.0 or 0.0
+    letter_accuracy                    1.0 or 0.0
     rouge_l                            an F in [0, 1]      (python `rouge` 1.0.1, pltrdy)
     edit_similarity                    an int in 0..100    (fuzzywuzzy `fuzz.ratio` over python-Levenshtein)
     sari                               0..100              (HF `evaluate`'s "sari")
 
 `score(task, preds, refs)` averages one of them over a test set and always returns 0..100 (the paper's tables).
 The official `show_results.py` instead guesses the scale (a score > 1 is divided by 100), which misreads a
-genuine score <= 1 on the 0..100 scales; a fixed scale per metric avoids the guess. As in the official code,
-an empty prediction scores 0 and still counts in the mean.
+genuine score <= 1 on the 0..100 scales; a fixed scale per metric avoids the guess. As in the official
+`re_eval.py`, a blank prediction is scored as " " (0 under exact match, first character and ROUGE-L; a small
+positive edit similarity or SARI where the reference has spaces) and counts in the mean.
 
 The continual-learning summaries take an accuracy matrix R with R[i][j] = score on task j after training
 task i (0-based). The paper writes a_{j,i} for the same number (task index first), so its Eq. 14 and 15 read
@@ -30,8 +32,13 @@ def exact_match(pred: str, ref: str) -> float:
 
 
 def first_char_accuracy(pred: str, ref: str) -> float:
-    """Multiple-choice accuracy (C-STANCE, FOMC, ScienceQA): the prediction's first character is the answer."""
+    """Multiple-choice accuracy (C-STANCE, FOMC): the prediction's first character is the whole answer."""
     return float(pred.strip()[:1] == ref.strip())
+
+
+def letter_accuracy(pred: str, ref: str) -> float:
+    """ScienceQA's accuracy: the first characters of prediction and reference, whose letter precedes its reasoning."""
+    return float(pred.strip()[:1] == ref.strip()[:1])
 
 
 def _lcs_table(x: list, y: list) -> list[list[int]]:
@@ -210,6 +217,7 @@ def sari(source: str, pred: str, refs: list[str]) -> float:
 METRICS = {
     "accuracy": lambda pred, refs, src: 100 * max(exact_match(pred, r) for r in refs),
     "first-char-accuracy": lambda pred, refs, src: 100 * max(first_char_accuracy(pred, r) for r in refs),
+    "letter-accuracy": lambda pred, refs, src: 100 * max(letter_accuracy(pred, r) for r in refs),
     "rouge-l": lambda pred, refs, src: 100 * max(rouge_l(pred, r) for r in refs),
     "similarity": lambda pred, refs, src: max(edit_similarity(restore_literals(pred), restore_literals(r))
                                               for r in refs),
@@ -218,7 +226,7 @@ METRICS = {
 
 # The official show_results.py table. SuperNI folders are matched by their "taskNNN" prefix.
 TASK_METRICS = {
-    "C-STANCE": "first-char-accuracy", "FOMC": "first-char-accuracy", "ScienceQA": "first-char-accuracy",
+    "C-STANCE": "first-char-accuracy", "FOMC": "first-char-accuracy", "ScienceQA": "letter-accuracy",
     "NumGLUE-cm": "accuracy", "NumGLUE-ds": "accuracy", "MeetingBank": "rouge-l", "Py150": "similarity",
     "20Minuten": "sari",
     "task363": "accuracy", "task195": "accuracy", "task875": "accuracy",
@@ -236,8 +244,8 @@ def task_metric(task: str) -> str:
 def score(task_or_metric: str, preds: list[str], refs: list, sources: list[str] | None = None) -> float:
     """Mean score of a test set on 0..100, by a task name (TASK_METRICS) or a metric name (METRICS).
 
-    refs[i] is one reference string or a list of them (e.g. SuperNI's `all_answers`). An empty (or
-    whitespace-only) prediction scores 0. SARI needs the sources: TRACE passes the full prompts.
+    refs[i] is one reference string or a list of them (e.g. SuperNI's `all_answers`). A blank prediction is
+    scored as " ", as the official code does. SARI needs the sources: TRACE passes the full prompts.
     """
     metric = task_or_metric if task_or_metric in METRICS else task_metric(task_or_metric)
     if len(preds) != len(refs) or not preds:
@@ -247,9 +255,8 @@ def score(task_or_metric: str, preds: list[str], refs: list, sources: list[str] 
         raise ValueError(f"score({task_or_metric!r}): SARI needs sources= (the prompts), one per prediction")
     total = 0.0
     for i, (pred, ref) in enumerate(zip(preds, refs)):
-        if pred.strip():
-            total += METRICS[metric](pred, [ref] if isinstance(ref, str) else list(ref),
-                                     sources[i] if sources else None)
+        total += METRICS[metric](pred if pred.strip() else " ", [ref] if isinstance(ref, str) else list(ref),
+                                 sources[i] if sources else None)
     return total / len(preds)
 
 
@@ -317,3 +324,16 @@ def format_matrix(R, task_names: list[str], digits: int = 2, row_names: list[str
         cells = "".join(f" {'-' if v is None else f'{v:.{digits}f}':>{width}}" for v in row)
         lines.append(f"{'after ' + row_names[i]:<{label}}{cells}")
     return "\n".join(lines)
+
+
+def format_summary(summary: dict) -> str:
+    """One line of a run's summary: OP, BWT (÷ (T−1), Eq. 15), BWT_T (÷ T, the paper's tables), FWT, the heads."""
+    parts = [f"OP {summary['OP']:.2f}"]
+    for key in ("BWT", "BWT_T", "FWT"):
+        if summary.get(key) is not None:
+            parts.append(f"{key} {summary[key]:.2f}")
+    if summary.get("heads"):
+        parts.append("heads (layer, head) " + " ".join(f"{l}.{h}" for l, h in summary["heads"]))
+    if summary.get("run_dir"):
+        parts.append(f"in {summary['run_dir']}")
+    return "  ".join(parts)

@@ -45,7 +45,7 @@ def test_seekr_run_writes_buffer_scores_checkpoints_and_results(toy, tmp_path, t
     tok, tasks = toy
     cfg = ContinualConfig(method="seekr", lr=1e-3, batch_size=16, epochs=[1], max_len=32, replay_ratio=0.25,
                           layer_budget=1, head_budget=2, query_budget=4, lambda2=1.0, eval_samples=8,
-                          max_new_tokens=8, teacher_heads=teacher_heads, log_every=1)
+                          max_new_tokens=8, teacher_heads=teacher_heads)
     summary = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path).run_all()
     assert json.loads((tmp_path / "config.json").read_text())["teacher_heads"] == teacher_heads
     assert summary["tasks"] == ["rev", "rot"] and len(summary["R"]) == 2
@@ -128,7 +128,7 @@ def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
     (run / "results.json").unlink()
     train_cli.main(["--resume", str(run)])                  # from the last task's resume point: nothing to redo
     assert json.loads((run / "results.json").read_text()) == trained
-    eval_cli.main([str(run), "--samples", "6"])
+    eval_cli.main([str(run)])                               # the run's own 6 test records, its own settings
     evaluated = json.loads((run / "eval.json").read_text())
     assert evaluated["R"] == trained["R"] and evaluated["base"] == trained["base"]
     assert evaluated["OP"] == pytest.approx(trained["OP"])
@@ -139,7 +139,7 @@ def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
 def small_cfg(method, **kw):
     return ContinualConfig(**{**dict(method=method, lr=1e-3, batch_size=16, grad_accum=2, epochs=[2], max_len=32,
                                      replay_ratio=0.25, layer_budget=1, head_budget=2, query_budget=4, lambda2=1.0,
-                                     eval_samples=8, max_new_tokens=8, log_every=1, ewc_samples=4), **kw})
+                                     eval_samples=8, max_new_tokens=8, ewc_samples=4), **kw})
 
 
 def logged(run):
@@ -172,6 +172,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkey
     assert latest.startswith("task01-")                 # an in-task resume point, not a task boundary
     resumed = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "cut").run_all(resume=True)
 
+    assert resumed.pop("run_dir").endswith("cut") and whole.pop("run_dir").endswith("whole")
     assert resumed == whole
     assert logged(tmp_path / "cut") == logged(tmp_path / "whole")
     a, b = (load_hf(tmp_path / run / "checkpoints" / "task03") for run in ("whole", "cut"))
@@ -212,7 +213,7 @@ def test_mtl_trains_once_on_every_task_and_reports_one_row(toy, tmp_path):
     assert summary["OP"] == 2.5 and summary["BWT"] is None and summary["FWT"] is None
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["task00", "task01"]
     steps = [e for e in logged(tmp_path) if "step" in e]
-    assert len(steps) == 2 * 8                         # 2 epochs over 128 samples in batches of 16
+    assert len(steps) == 2 * 8 // 2        # one line per optimiser step: 2 epochs × 128/16 batches ÷ grad_accum 2
 
 
 def test_budgets_larger_than_the_model_are_refused_before_training(toy, tmp_path):
@@ -242,5 +243,6 @@ def test_demo_flags_typed_at_the_library_default_still_override_the_demo_setting
     import train as train_cli
     parser = argparse.ArgumentParser()
     train_cli.add_flags(parser, ContinualConfig)
-    argv = ["--lambda2", "1000", "--epochs=3"]                 # 1000 is ContinualConfig's default, DEMO's is 100
-    assert train_cli.typed_settings(parser.parse_args(argv), argv) == {"lambda2": 1000.0, "epochs": [3]}
+    argv = ["--lambda2", "1000", "--epochs=3"]                 # 1000 is ContinualConfig's default, DEMO's is 10
+    typed = train_cli.typed_flags(argv)
+    assert train_cli.typed_settings(parser.parse_args(argv), typed) == {"lambda2": 1000.0, "epochs": [3]}

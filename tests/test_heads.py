@@ -111,11 +111,11 @@ def test_sensitivity_options_match_their_naive_definitions(side):
     def check(expected, **options):
         torch.testing.assert_close(task_sensitivity(model, [batch], **options), expected, atol=1e-5, rtol=0)
 
-    check(frobenius_over(grads, everything), include_masked=True)
-    check(mean_square(valid), reduce="mean_square")
-    check(mean_square(everything), include_masked=True, reduce="mean_square")
+    check(frobenius_over(grads, everything), entries="all")
+    check(mean_square(valid), norm="mean_square")
+    check(mean_square(everything), entries="all", norm="mean_square")
     # Masked entries carry gradient (⟨∂L/∂o_q, v_k⟩ is not zero for a future key), so the option matters.
-    assert (task_sensitivity(model, [batch], include_masked=True) > task_sensitivity(model, [batch]) + 1e-6).all()
+    assert (task_sensitivity(model, [batch], entries="all") > task_sensitivity(model, [batch]) + 1e-6).all()
 
 
 def test_sensitivity_leaves_grads_and_mode_alone_and_works_on_frozen_models():
@@ -151,15 +151,19 @@ def test_sensitivity_refuses_samples_without_labels_and_bad_options():
     batch["labels"][1] = -100
     with pytest.raises(ValueError, match=r"labels: samples \[1\]"):
         task_sensitivity(model, [batch])
-    with pytest.raises(ValueError, match="reduce must be one of"):
-        task_sensitivity(model, [left_padded_batch()], reduce="max")
+    with pytest.raises(ValueError, match="sensitivity norm must be one of frobenius|mean_square"):
+        task_sensitivity(model, [left_padded_batch()], norm="max")
+    with pytest.raises(ValueError, match="sensitivity entries must be one of valid|all"):
+        task_sensitivity(model, [left_padded_batch()], entries="some")
 
 
 # --- forgettability ---------------------------------------------------------------------------------------
 
 
-def naive_change(model_a, model_b, batch, rows=None, reduce="frobenius"):
-    """Per-head mean over samples of the change of full materialised maps, at `rows` if given: (L, H)."""
+def naive_change(model_a, model_b, batch, rows=None, norm="frobenius"):
+    """Per-head mean over samples of the change of full materialised maps, at `rows` if given: (L, H).
+
+    At sampled rows the Frobenius norm is sqrt(n/T · Σ over the T rows), n the sample's real tokens."""
     with torch.no_grad():
         _, maps_a = model_a(batch["input_ids"], batch["attention_mask"], return_attn=True)
         _, maps_b = model_b(batch["input_ids"], batch["attention_mask"], return_attn=True)
@@ -168,11 +172,13 @@ def naive_change(model_a, model_b, batch, rows=None, reduce="frobenius"):
     for a, b in zip(maps_a, maps_b):
         d2 = (a - b).square() * entries[:, None]                                    # (B, H, S, S)
         n = entries
+        scale = torch.ones(len(batch["input_ids"]), 1)
         if rows is not None:
             d2 = torch.stack([d2[i][:, rows[i]] for i in range(len(rows))])         # (B, H, T, S)
             n = torch.stack([entries[i][rows[i]] for i in range(len(rows))])
+            scale = batch["attention_mask"].sum(-1, keepdim=True) / rows.shape[1]
         sums = d2.sum((-2, -1))
-        result.append((sums.sqrt() if reduce == "frobenius" else sums / n.sum((-2, -1))[:, None]).mean(0))
+        result.append(((sums * scale).sqrt() if norm == "frobenius" else sums / n.sum((-2, -1))[:, None]).mean(0))
     return torch.stack(result)
 
 
@@ -186,32 +192,51 @@ def nudged(model, layer, head, scale=0.5):
     return other
 
 
-@pytest.mark.parametrize("reduce", ["frobenius", "mean_square"])
-def test_changing_one_head_of_the_last_layer_changes_only_that_head(reduce):
+@pytest.mark.parametrize("norm", ["frobenius", "mean_square"])
+def test_changing_one_head_of_the_last_layer_changes_only_that_head(norm):
     before = tiny()
     after = nudged(before, layer=1, head=3)
     batch = left_padded_batch()
-    f = forgettability(after, before, [batch], reduce=reduce)
+    f = forgettability(after, before, [batch], norm=norm)
     assert f[1, 3] > 1e-4
     f[1, 3] = 0
     assert torch.equal(f, torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("reduce", ["frobenius", "mean_square"])
-def test_forgettability_matches_full_maps_at_all_rows_and_at_sampled_rows(reduce, side):
+@pytest.mark.parametrize("norm", ["frobenius", "mean_square"])
+def test_forgettability_matches_full_maps_at_all_rows_and_at_sampled_rows(norm, side):
     before = tiny()
     after = copy.deepcopy(before)
     with torch.no_grad():
         for p in after.parameters():
             p += 0.05 * torch.randn_like(p)
     batch = padded_batch((9, 6, 4), side=side)
-    expected = naive_change(before, after, batch, reduce=reduce)
-    torch.testing.assert_close(forgettability(after, before, [batch], reduce=reduce), expected, atol=1e-6, rtol=0)
+    expected = naive_change(before, after, batch, norm=norm)
+    torch.testing.assert_close(forgettability(after, before, [batch], norm=norm), expected, atol=1e-6, rtol=0)
+    batch = padded_batch((9, 7, 6), side=side)                 # every sample longer than B_T: T = 5 rows each
     rows = sample_query_rows(batch["attention_mask"], 5, torch.Generator().manual_seed(1))
-    expected = naive_change(before, after, batch, rows, reduce=reduce)
-    got = forgettability(after, before, [batch], rows=[rows], reduce=reduce)
+    expected = naive_change(before, after, batch, rows, norm=norm)
+    got = forgettability(after, before, [batch], rows=[rows], norm=norm)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_forgettability_at_sampled_rows_is_unbiased_for_the_full_squared_norm_and_exact_with_every_row():
+    """Over every draw of T of a sample's n rows, the mean of the squared estimate is the full map's square."""
+    import itertools
+    before = tiny()
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        for p in after.parameters():
+            p += 0.05 * torch.randn_like(p)
+    batch = left_padded_batch((6,))
+    full = forgettability(after, before, [batch])
+    draws = [torch.tensor([subset]) for subset in itertools.combinations(range(6), 3)]
+    mean_square = sum(forgettability(after, before, [batch], rows=[r]).square() for r in draws) / len(draws)
+    torch.testing.assert_close(mean_square, full.square(), atol=1e-6, rtol=1e-5)
+    every_row = sample_query_rows(batch["attention_mask"], 8)    # B_T ≥ n: each of the 6 rows once
+    assert every_row.tolist() == [list(range(6))]
+    assert torch.equal(forgettability(after, before, [batch], rows=[every_row]), full)
 
 
 def test_forgettability_is_attention_at_rows_then_attention_change_over_several_batches():
@@ -284,6 +309,14 @@ def test_select_heads_on_hand_made_importances(matrix, layer_budget, head_budget
     assert select_heads(torch.tensor(matrix, dtype=torch.float32), layer_budget, head_budget) == expected
 
 
+def test_random_heads_draw_distinct_heads_from_every_layer_seeded():
+    picked = heads.random_heads(3, 4, 5, torch.Generator().manual_seed(0))
+    assert len(set(picked)) == 5 and picked == sorted(picked) and all(0 <= l < 3 and 0 <= h < 4 for l, h in picked)
+    assert picked == heads.random_heads(3, 4, 5, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"--head-budget \(B_H\) must be in 1..12"):
+        heads.random_heads(3, 4, 13, torch.Generator())
+
+
 def test_select_heads_names_the_budget_that_is_out_of_range():
     imp = torch.rand(4, 3)
     with pytest.raises(ValueError, match=r"--layer-budget \(B_L\) must be in 1..4 .*got 0"):
@@ -311,16 +344,31 @@ def test_query_rows_are_distinct_sorted_real_tokens_and_seeded():
     assert not torch.equal(rows, sample_query_rows(mask, 6, torch.Generator().manual_seed(1)))
 
 
-def test_a_sample_shorter_than_the_budget_gets_every_real_row_then_repeats():
+def test_a_sample_shorter_than_the_budget_gets_each_real_row_once_then_padding():
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     rows = sample_query_rows(mask, 5, torch.Generator().manual_seed(0))
-    short = rows[0].tolist()
-    assert set(short) == {3, 4, 5} and len(short) == 5 and short == sorted(short)
+    assert rows[0].tolist() == [3, 4, 5, heads.PAD_ROW, heads.PAD_ROW]
     assert len(set(rows[1].tolist())) == 5
+    assert sample_query_rows(mask, 0).tolist() == [[3, 4, 5, -1, -1, -1], [0, 1, 2, 3, 4, 5]]   # B_T = 0: every row
+    assert sample_query_rows(mask[:1], 5).tolist() == [[3, 4, 5]]                                # T = most rows
     with pytest.raises(ValueError, match="sample 1 has no real token"):
         sample_query_rows(torch.tensor([[1, 1], [0, 0]]), 2)
     with pytest.raises(ValueError, match=r"query budget \(B_T\)"):
-        sample_query_rows(mask, 0)
+        sample_query_rows(mask, -1)
+
+
+def test_padding_rows_change_nothing_in_forgettability_or_the_stored_rows():
+    before = tiny()
+    after = nudged(before, layer=0, head=2)
+    batch = left_padded_batch((9, 4))
+    rows = sample_query_rows(batch["attention_mask"], 6, torch.Generator().manual_seed(0))
+    assert (rows[1] == heads.PAD_ROW).sum() == 2                 # 4 real rows of 6
+    maps = attention_at_rows(before, [batch], [rows])[0]
+    assert (maps[:, 1, :, 4:] == 0).all()                        # padding rows are zero rows
+    per_sample = [forgettability(after, before, [{k: v[b:b + 1] for k, v in batch.items()}], rows=[rows[b:b + 1, :n]])
+                  for b, n in ((0, 6), (1, 4))]
+    torch.testing.assert_close(forgettability(after, before, [batch], rows=[rows]), sum(per_sample) / 2,
+                               atol=1e-6, rtol=1e-5)
 
 
 # --- HeadScores -------------------------------------------------------------------------------------------
@@ -343,6 +391,9 @@ def test_head_scores_accumulate_tasks_and_round_trip_through_safetensors(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(loaded.task_sensitivity, [s1, s2]))
     assert all(torch.equal(a, b) for a, b in zip(loaded.task_forgettability, [f1, f2]))
     assert loaded.select(2, 3) == scores.select(2, 3)
+    official = s1 / s1.sum(1, keepdim=True) * f1 + s2 / s2.sum(1, keepdim=True) * f2   # Σ_k S̃^k·F^k
+    torch.testing.assert_close(scores.importance("official"), official)
+    assert scores.select(2, 3, "official") == select_heads(official, 2, 3)
     HeadScores(3, 4).save(path)                              # overwrite with an empty record
     assert HeadScores.load(path).tasks == []
     with pytest.raises(ValueError, match=r"sensitivity of task 'x' has shape \(4, 3\)"):

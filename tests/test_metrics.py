@@ -146,7 +146,8 @@ def test_13a_tokenisation_splits_punctuation_but_not_numbers():
 # ---- test-set scores ----------------------------------------------------------------------------------------
 
 def test_task_metrics_follow_the_official_table():
-    assert [task_metric(t) for t in ("FOMC", "C-STANCE", "ScienceQA")] == ["first-char-accuracy"] * 3
+    assert [task_metric(t) for t in ("FOMC", "C-STANCE")] == ["first-char-accuracy"] * 2
+    assert task_metric("ScienceQA") == "letter-accuracy"
     assert [task_metric(t) for t in ("NumGLUE-cm", "NumGLUE-ds")] == ["accuracy"] * 2
     assert (task_metric("MeetingBank"), task_metric("Py150"), task_metric("20Minuten")) == \
         ("rouge-l", "similarity", "sari")
@@ -164,6 +165,20 @@ def test_score_is_a_0_to_100_mean_with_empty_predictions_counted_as_zero():
     assert score("task181", ["police kill the gunman"], ["police killed the gunman"]) == \
         pytest.approx(100 * 0.75, abs=1e-6)
     assert score("Py150", ["kitten", ""], ["sitting", ""]) == 31.0      # (62 + 0) / 2
+
+
+def test_scienceqa_compares_first_characters_of_both_sides_as_the_official_evaluation():
+    # Reasoning-augmented ScienceQA references are the letter, then the reasoning; the official code cuts both.
+    assert score("ScienceQA", ["B", "A"], ["B\nBecause magnets attract.", "C\nBecause ..."]) == 50.0
+    assert score("FOMC", ["B"], ["B\nBecause ..."]) == 0.0       # C-STANCE and FOMC compare the whole reference
+
+
+def test_a_blank_prediction_is_scored_as_a_single_space_as_the_official_code_does():
+    assert score("Py150", ["", "  \n"], ["a b", "a b"]) == 50.0     # fuzz.ratio(" ", "a b") = 2·1 / 4
+    assert score("task181", [""], ["police killed the gunman"]) == 0.0
+    src, refs = ["About 95 species are currently accepted ."], [PUBLISHED_REFS]
+    blank = score("20Minuten", [""], refs, sources=src)
+    assert blank == score("20Minuten", [" "], refs, sources=src) and blank > 0
 
 
 def test_score_takes_the_best_of_several_references():
