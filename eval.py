@@ -13,56 +13,62 @@ says otherwise. The built-in demo prints its own matrices.
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from minseekr.checkpoint import load_hf
+from minseekr.config import METHODS, add_flags, from_flags, option
+from minseekr.data import load_sequence, load_task, parse_order
 from minseekr.evaluation import evaluate
-from minseekr.data import load_sequence, load_task
-from minseekr.metrics import (backward_transfer, delta_general_ability, format_matrix, format_summary,
-                              forward_transfer, general_ability, overall_performance)
-from minseekr.tokenizer import Tokenizer
+from minseekr.metrics import delta_general_ability, format_matrix, format_summary, general_ability
+from minseekr.rundir import RunDir, summarize
+from minseekr.runtime import atomic_write
+from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
-def evaluate_run(run: Path, ns):
-    spec_file = run / "run.json"
-    if not spec_file.is_file():
-        sys.exit(f"eval.py: {spec_file} not found: RUN_DIR must be a directory written by train.py --model ...")
-    spec = json.loads(spec_file.read_text())
-    cfg = json.loads((run / "config.json").read_text())
-    order = spec["order"] if spec["order"].startswith("order") else spec["order"].split(",")
-    tasks, _ = load_sequence(order, spec["data"])
+@dataclass
+class EvalConfig:
+    model: str = option("", "an HF checkpoint directory to score instead of a run")
+    tokenizer: str = option("", "tokenizer.model (default: MODEL/tokenizer.model)")
+    data: str = option("", "folder holding the task folders (with --model)")
+    tasks: str = option("", "comma-separated task folders (with --model)")
+    general: str = option("", "comma-separated general-ability task folders (GA before and after, ΔGA)")
+    samples: int = option(0, "test records per task (0: the run's, or all)")
+    max_prompt_len: int = option(0, "prompt tokens kept (0: the run's, or 1024)")
+    max_new_tokens: int = option(0, "generation length (0: the run's, or 512)")
+    out: str = option("", "JSON file for the results (default: RUN/eval.json, or eval.json)")
+
+
+def evaluate_run(run: RunDir, ns: EvalConfig):
+    if not run.spec.is_file():
+        sys.exit(f"eval.py: {run.spec} not found: RUN_DIR must be a directory written by train.py --model ...")
+    spec, cfg = json.loads(run.spec.read_text()), json.loads(run.config.read_text())
+    tasks, _ = load_sequence(parse_order(spec["order"]), spec["data"])
     for t in tasks:                     # the run's own test records (train.py --test-samples)
         t.test = t.test[:spec.get("test_samples") or None]
-    tok = Tokenizer(spec["tokenizer"] or str(Path(spec["model"]) / "tokenizer.model"))
+    tok = Tokenizer(spec["tokenizer"] or find_tokenizer(spec["model"]))
     samples = ns.samples or cfg["eval_samples"]
     prompt_len = ns.max_prompt_len or cfg["max_prompt_len"]
     new_tokens = ns.max_new_tokens or cfg["max_new_tokens"]
     score = lambda model, task: evaluate(model, tok, task, samples, prompt_len, new_tokens, progress=True)
     # θ_0 as the trainer exported and scored it (task00), else the run's --model.
-    base_dir = run / "checkpoints" / "task00"
+    base_dir = run.checkpoint(0)
     base_model = load_hf(base_dir if (base_dir / "config.json").is_file() else spec["model"])
     base = [score(base_model, t) for t in tasks]
-    T = len(tasks)
-    stages = 1 if cfg["method"] == "mtl" else T   # MTL trains once on every task: one row
-    R = [[None] * T for _ in range(stages)]
+    n_tasks, joint = len(tasks), METHODS[cfg["method"]].joint
+    stages = 1 if joint else n_tasks       # MTL trains once on every task: one row
+    R = [[None] * n_tasks for _ in range(stages)]
     for i in range(stages):
-        ckpt = run / "checkpoints" / f"task{i + 1:02d}"
+        ckpt = run.checkpoint(i + 1)
         if not (ckpt / "config.json").is_file():
             sys.exit(f"eval.py: {ckpt} is missing: the run stopped before task {i + 1} finished")
         model = load_hf(ckpt)
-        for j in range(T if stages == 1 else min(i + 2, T)):
+        for j in range(n_tasks if joint else min(i + 2, n_tasks)):
             R[i][j] = score(model, tasks[j])
             print(f"after stage {i + 1} on {tasks[j].name}: {R[i][j]:.2f}", flush=True)
-    names = [t.name for t in tasks]
-    results = run / "results.json"
-    heads = json.loads(results.read_text()).get("heads") if results.is_file() else None
-    if stages == 1 and T > 1:
-        out = {"tasks": names, "R": R, "base": base, "OP": sum(R[0]) / T, "BWT": None, "BWT_T": None, "FWT": None}
-    else:
-        out = {"tasks": names, "R": R, "base": base, "OP": overall_performance(R), "BWT": backward_transfer(R),
-               "BWT_T": backward_transfer(R, over_all_tasks=True), "FWT": forward_transfer(R, base)}
-    out.update(heads=heads, run_dir=str(run.resolve()))
-    print(format_matrix(R, names, row_names=["all tasks (mtl)"] if stages == 1 and T > 1 else None))
+    heads = json.loads(run.results.read_text()).get("heads") if run.results.is_file() else None
+    out = summarize(R, base, [t.name for t in tasks], cfg["method"], joint, heads, run.root)
+    print(format_matrix(R, out["tasks"], row_names=["all tasks (mtl)"] if joint else None))
     print(format_summary(out))
     if ns.general:
         general = [load_task(f) for f in ns.general.split(",")]
@@ -74,11 +80,11 @@ def evaluate_run(run: Path, ns):
     return out
 
 
-def evaluate_model(ns):
+def evaluate_model(ns: EvalConfig):
     if not ns.data or not ns.tasks:
         sys.exit("eval.py: --model needs --data ROOT and --tasks a,b,...")
     model = load_hf(ns.model)
-    tok = Tokenizer(ns.tokenizer or str(Path(ns.model) / "tokenizer.model"))
+    tok = Tokenizer(ns.tokenizer or find_tokenizer(ns.model))
     tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
     scores = {t.name: evaluate(model, tok, t, ns.samples, ns.max_prompt_len or 1024, ns.max_new_tokens or 512,
                                progress=True) for t in tasks}
@@ -90,21 +96,14 @@ def evaluate_model(ns):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", help="a run directory written by train.py")
-    parser.add_argument("--model", help="an HF checkpoint directory, instead of a run")
-    parser.add_argument("--tokenizer", default="", help="tokenizer.model (default: MODEL/tokenizer.model)")
-    parser.add_argument("--data", help="folder holding the task folders (with --model)")
-    parser.add_argument("--tasks", help="comma-separated task folders (with --model)")
-    parser.add_argument("--general", default="", help="comma-separated general-ability task folders (GA, ΔGA)")
-    parser.add_argument("--samples", type=int, default=0, help="test records per task (0: the run's, or all)")
-    parser.add_argument("--max-prompt-len", type=int, default=0, help="prompt tokens kept (0: the run's, or 1024)")
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the run's setting, or 512")
-    parser.add_argument("--out", default="", help="JSON file for the results (default: RUN/eval.json)")
+    add_flags(parser, EvalConfig)
     ns = parser.parse_args(argv)
-    if bool(ns.run) == bool(ns.model):
+    cfg = from_flags(EvalConfig, ns)
+    if bool(ns.run) == bool(cfg.model):
         parser.error("give either RUN_DIR or --model DIR")
-    out = evaluate_run(Path(ns.run), ns) if ns.run else evaluate_model(ns)
-    path = Path(ns.out or (Path(ns.run) / "eval.json" if ns.run else "eval.json"))
-    path.write_text(json.dumps(out, indent=1))
+    out = evaluate_run(RunDir(ns.run), cfg) if ns.run else evaluate_model(cfg)
+    path = Path(cfg.out or (RunDir(ns.run).root / "eval.json" if ns.run else "eval.json"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(out, indent=1)))
     print(f"wrote {path}")
 
 

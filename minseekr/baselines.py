@@ -15,10 +15,9 @@ averaged over ranks, so every rank runs the same Fisher samples (a pass over `ew
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from minseekr.checkpoint import atomic_write
+from minseekr.runtime import all_reduce, atomic_write
 from minseekr.model import sequence_loss
 
 
@@ -52,9 +51,7 @@ class EWC:
             diff = p - a
             g.add_(f * diff, alpha=self.weight)
             penalty += (f * diff.square()).sum()
-        if dist.is_initialized():
-            dist.all_reduce(penalty)
-        return self.weight / 2 * penalty.item()
+        return self.weight / 2 * all_reduce(penalty).item()
 
     def save(self, path):
         """This rank's F and θ* as one safetensors file (written atomically)."""

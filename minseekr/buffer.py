@@ -1,4 +1,4 @@
-"""The memory buffer: each finished task's replay samples and its teacher's signals, on disk.
+"""The memory buffer: each finished task's replay samples and its teacher's signals, on disk, and their batches.
 
 For task k the trainer writes two files into the run's `buffer/` folder:
 
@@ -20,9 +20,9 @@ is exactly zero. On disk each row keeps that prefix, the T prefixes concatenated
 expands them back to the dense (|H|, T, n) rows, zeros beyond each prefix, that the trainer distils.
 Rows may repeat and come in any order; each occurrence is stored.
 
-With `topk=k` the teacher's distribution over V tokens is cut to its k most likely tokens: ids (int16
-while V fits, else int32) and log-probabilities of the full-vocabulary softmax. `logit_kl` then
-compares teacher and student on k + 1 buckets, those tokens and the rest (exact when k = V).
+With `topk=k` (`kl.teacher_signals`) the teacher's distribution over V tokens is cut to its k most likely
+tokens: ids (int16 while V fits, else int32) and log-probabilities of the full-vocabulary softmax.
+`kl.logit_kl` then compares teacher and student on k + 1 buckets, those tokens and the rest (exact when k = V).
 
 Bytes per sample, signals in bf16: 2·a·V (full logits) or a·k·(2 + 2) (top-k, 4-byte ids when
 V > 32767), plus 2·|H|·Σ_t (rows[t]+1) ≈ |H|·B_T·(n+1) (attention: rows drawn uniformly average
@@ -30,15 +30,13 @@ V > 32767), plus 2·|H|·Σ_t (rows[t]+1) ≈ |H|·B_T·(n+1) (attention: rows d
 (8x more at LLaMA-2-7B's 1024 heads and B_H=128).
 """
 import json
-import math
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.checkpoint import atomic_write
-from minseekr.kl import attention_rows, query_rows
+from minseekr.runtime import atomic_write
 
 
 def prefix_index(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,115 +165,3 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         batch["teacher_topk_ids"] = torch.cat([s["topk_ids"] for s in samples]).long()       # (N, k)
         batch["teacher_topk_logp"] = torch.cat([s["topk_logp"] for s in samples]).float()   # (N, k)
     return batch
-
-
-def logit_kl(student_logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Eq. 3 per labelled token: KL(teacher ‖ student) (N,), over the vocabulary or top-k + rest buckets.
-
-    student_logits is the model's (B, S, V) output, whose positions that predict a label are taken in
-    row-major order, or those (N, V) rows already. The teacher comes from `collate`: full logits, or
-    top-k ids and log-probabilities. Computed in fp32 (fp64 for fp64 logits); the caller reduces.
-    """
-    if student_logits.dim() == 3:
-        predicting = batch["labels"][:, 1:] != -100                          # position p-1 predicts label p
-        student_logits = student_logits[:, :-1][predicting.to(student_logits.device)]   # (N, V)
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits must be (B, S, V) or (N, V), got {tuple(student_logits.shape)}")
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    s = student_logits.to(dtype)
-    if "teacher_logits" in batch:
-        teacher = batch["teacher_logits"].to(s.device, dtype)
-        if teacher.shape != s.shape:
-            raise ValueError(f"teacher_logits is {tuple(teacher.shape)}, expected the student's {tuple(s.shape)}")
-        log_p = teacher.log_softmax(-1)
-        return (log_p.exp() * (log_p - s.log_softmax(-1))).sum(-1)
-    if "teacher_topk_ids" not in batch:
-        raise KeyError("batch has neither teacher_logits nor teacher_topk_ids: collate samples read from a TaskMemory")
-    ids = batch["teacher_topk_ids"].to(s.device)
-    log_p = batch["teacher_topk_logp"].to(s.device, dtype)                   # (N, k)
-    if ids.shape[0] != s.shape[0] or ids.shape != log_p.shape:
-        raise ValueError(f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logp {tuple(log_p.shape)} must "
-                         f"both be ({s.shape[0]}, k) to match the student's labelled tokens")
-    lse = s.logsumexp(-1, keepdim=True)
-    log_q = s.gather(-1, ids) - lse                                           # (N, k)
-    # The student's rest mass as a sum over the tokens outside the top k, not 1 − Σq, which cancels to 0 when
-    # the student is confident. The floor keeps p_rest·log q_rest finite when the rest is empty (k = V).
-    outside = s.scatter(-1, ids, float("-inf"))
-    log_q_rest = (outside.logsumexp(-1) - lse[:, 0]).clamp(min=math.log(torch.finfo(dtype).tiny))
-    # The teacher's rest is only known as 1 − Σp; rounding of the stored log-probabilities can push it below 0.
-    p_rest = (-torch.expm1(log_p.logsumexp(-1))).clamp(min=0)
-    top = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return top + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
-
-
-def logit_mse(student_logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """DER++'s original logit term per labelled token (N,): the mean over the vocabulary of (student − teacher)².
-
-    Buzzega et al. (2020) regress the stored logits; SEEKR's Eq. 3 uses the KL (`logit_kl`). Same inputs as
-    `logit_kl` with full teacher logits (top-k logits cannot be regressed).
-    """
-    if "teacher_logits" not in batch:
-        raise KeyError("logit_mse needs the teacher's full logits (a buffer written with --logit-topk 0)")
-    if student_logits.dim() == 3:
-        predicting = batch["labels"][:, 1:] != -100
-        student_logits = student_logits[:, :-1][predicting.to(student_logits.device)]
-    s = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
-    teacher = batch["teacher_logits"].to(s.device, s.dtype)
-    if teacher.shape != s.shape:
-        raise ValueError(f"teacher_logits is {tuple(teacher.shape)}, expected the student's {tuple(s.shape)}")
-    return (s - teacher).square().mean(-1)
-
-
-class RowRecorder:
-    """Probe that keeps the attention rows of chosen heads at chosen query rows, without S×S maps."""
-
-    def __init__(self, heads: list[tuple[int, int]], rows, key_mask):
-        self.by_layer = {}
-        for l, h in heads:
-            self.by_layer.setdefault(l, []).append(h)
-        self.rows, self.key_mask, self.out = rows, key_mask, {}
-
-    def __call__(self, layer, q, k, v, out):
-        if layer not in self.by_layer:
-            return
-        heads = torch.tensor(self.by_layer[layer], device=q.device)
-        q_rows, kv_heads = query_rows(q, heads, self.rows, k.shape[1])         # (B, h_l, T, D)
-        self.out[layer] = attention_rows(q_rows, k, self.rows, self.key_mask, kv_heads=kv_heads)
-
-    def stacked(self, heads):
-        """(B, |H|, T, S) in the order of `heads`."""
-        pos = {l: {h: i for i, h in enumerate(hs)} for l, hs in self.by_layer.items()}
-        return torch.stack([self.out[l][:, pos[l][h]] for l, h in heads], 1)
-
-
-@torch.no_grad()
-def teacher_signals(model, batch: dict, heads: list[tuple[int, int]], dtype=torch.bfloat16,
-                    topk: int = 0, attn_dtype=None) -> list[dict]:
-    """Per sample of a right-padded batch, on the CPU: the teacher's logits predicting its labels (all V, or the
-    top-k log-probabilities and ids) in `dtype`, and its attention rows of `heads` (dense (|H|, T, n)) in
-    `attn_dtype` (default `dtype`; float8_e5m2 halves them: ≤ 12.5% relative error, down to 1.5e-5)."""
-    attn_dtype = attn_dtype or dtype
-    recorder = RowRecorder(heads, batch["rows"], batch["attention_mask"])
-    logits = model(batch["input_ids"], batch["attention_mask"], probe=recorder)
-    V = logits.shape[-1]
-    if not 0 <= topk <= V:
-        raise ValueError(f"topk must be in [0, {V}] (0 keeps all logits), got {topk}")
-    # One transfer for the whole batch; each sample's slice is then cloned so it does not pin the batch tensor.
-    attn = recorder.stacked(heads).to("cpu", attn_dtype) if heads else None  # (B, |H|, T, S)
-    samples = []
-    for b in range(batch["rows"].shape[0]):
-        n = int(batch["attention_mask"][b].sum())
-        labels = batch["labels"][b, :n]
-        predicting = (labels[1:] != -100).nonzero().squeeze(1)              # position p-1 predicts label p
-        rows = batch["rows"][b][batch["rows"][b] >= 0].to("cpu", copy=True)    # without the padding rows
-        s = {"input_ids": batch["input_ids"][b, :n].to("cpu", copy=True), "labels": labels.to("cpu", copy=True),
-             "rows": rows,
-             "attn": attn[b, :, :len(rows), :n].clone() if heads else torch.zeros(0, len(rows), n, dtype=attn_dtype)}
-        if topk:
-            logp, ids = logits[b, predicting].float().log_softmax(-1).topk(topk, -1)      # (a, k), largest first
-            s["topk_logp"] = logp.to("cpu", dtype)
-            s["topk_ids"] = ids.to("cpu", torch.int16 if V <= torch.iinfo(torch.int16).max else torch.int32)
-        else:
-            s["logits"] = logits[b, predicting].to("cpu", dtype)
-        samples.append(s)
-    return samples

@@ -1,10 +1,15 @@
-"""Hugging Face checkpoints in and out: `config.json` plus safetensors, single file or sharded.
+"""Hugging Face checkpoint directories in and out: `config.json` plus safetensors, single file or sharded.
+
+This module owns the format. Every reader goes through `HFCheckpoint`, which applies one name→file rule
+(`model.safetensors` first, as transformers does, else the index and its shards) and one validation: every
+name, shape and dtype in every header against the model the config describes, each error naming the file and
+the tensor. Every writer goes through `write_hf`, which takes (name, tensor) pairs in any order from any producer:
+a model's parameters (`save_hf`), or an engine's full tensors gathered one at a time (`engine.export_hf`, where
+every rank drains the stream and rank 0 alone writes).
 
 Loading never holds two copies of the weights. The Transformer is built on the `meta` device, where
 parameters have shapes but no storage (random initialisation skipped: there is nothing to initialise),
-so building a 7B model costs nothing. Each file's header is checked first: every name, shape and dtype
-against the model the config describes, and an error names the file and the tensor. Then the tensors
-are read one by one:
+so building a 7B model costs nothing. Then the tensors are read one by one:
 - on the CPU in the checkpoint's own dtype, no copy is made at all: a tensor is the file's pages,
   mapped copy-on-write (safetensors' mmap backend), read by the kernel on first touch; an in-place
   update copies only the pages it writes. As with transformers, a file must not be overwritten in
@@ -13,16 +18,16 @@ are read one by one:
   converted and its source freed, so the file is never resident beside the converted copy.
 The meta parameters are swapped for these tensors with `load_state_dict(assign=True)`: peak memory is
 the final model plus one tensor in flight. Assigning replaces parameters, which breaks the
-embedding/lm_head tie, so `tie_weights()` runs last.
+embedding/lm_head tie, so `tie_weights()` runs last. A sharded engine reads only the rows it owns
+(`HFCheckpoint.rows`).
 
-Saving writes HF's layout, which `transformers.LlamaForCausalLM.from_pretrained` reads unchanged:
+Writing produces HF's layout, which `transformers.LlamaForCausalLM.from_pretrained` reads unchanged:
 `model.safetensors`, or `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json`
-when the weights exceed `max_shard_size`. Tied models omit `lm_head.weight`, as HF does. Each file is
-written under a temporary name and `os.replace`d into place, so a reader never sees half a file;
-the index goes last, being the file that makes a new set of shards visible. Files of an earlier save
-into the same directory that the new one does not use are removed afterwards. Readers (this one and
-HF's) prefer `model.safetensors` over an index, so each intermediate state of a re-save is either
-the old checkpoint or the new one.
+when the weights exceed `max_shard_size`. Tensors fill shards in the order they come, a new shard starting
+before a tensor would pass the limit (only a tensor larger than the limit alone exceeds it). Tied models omit
+`lm_head.weight`, as HF does. Each file is written under a hidden temporary name and renamed into place once
+the number of shards is known; config.json and the index go last, being the files that make a new set of
+shards visible, and files of an earlier save that the new one does not use are removed afterwards.
 """
 import json
 import os
@@ -35,11 +40,12 @@ from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from minseekr.model import ModelArgs, Transformer
+from minseekr.runtime import atomic_write
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-# safetensors dtype codes this loader accepts; anything else (int8, fp8, ...) is a quantised format.
+# safetensors dtype codes this loader accepts; anything else (int8, fp8, fp64, ...) is refused by name.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -59,66 +65,11 @@ def read_args(path) -> ModelArgs:
         raise FileNotFoundError(f"{config} not found: a checkpoint directory needs a config.json")
     try:
         cfg = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config} is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config} must hold a JSON object, got {type(cfg).__name__}")
     return ModelArgs.from_hf_config(cfg, source=str(config))
-
-
-def _weight_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name in the checkpoint to the safetensors file holding it."""
-    single, index = path / SINGLE_FILE, path / INDEX_FILE
-    if single.is_file():  # preferred over an index, as transformers does
-        with _open(single) as f:
-            return dict.fromkeys(f.keys(), single)
-    if not index.is_file():
-        raise FileNotFoundError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from e
-    files = {}
-    for name, shard in weight_map.items():
-        files[name] = path / shard
-        if not files[name].is_file():
-            raise FileNotFoundError(f"shard {shard} (holding {name!r}) is named in {index} but does not exist")
-    return files
-
-
-def _open(file: Path, backend: str = "mmap"):
-    try:
-        return safe_open(file, framework="pt", backend=backend)
-    except SafetensorError as e:
-        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt: {e})") from e
-
-
-def _read_shard(file: Path, expected: dict[str, tuple], dtype, device) -> dict[str, torch.Tensor]:
-    """The tensors `expected` names (with their shapes) from one safetensors file, checked, cast, on device."""
-    with _open(file) as f:
-        present = set(f.keys())
-        codes = {}
-        for name, shape in expected.items():
-            if name not in present:
-                raise ValueError(f"{file}: tensor {name!r} is missing although the index places it here")
-            meta = f.get_slice(name)
-            codes[name] = meta.get_dtype()
-            if codes[name] not in _DTYPES:
-                raise ValueError(f"{file}: tensor {name!r} has dtype {codes[name]}; only F32, F16 and BF16 are supported")
-            if tuple(meta.get_shape()) != shape:
-                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(meta.get_shape())}, "
-                                 f"expected {shape} from config.json")
-        zero_copy = torch.device(device).type == "cpu" and all(dtype in (None, _DTYPES[c]) for c in codes.values())
-        if zero_copy:  # the file's own pages, mapped copy-on-write
-            return {name: _get(f, file, name) for name in expected}
-    # Otherwise a tensor of its own per read, so the file is never resident beside the converted copy.
-    with _open(file, backend="pread") as f:
-        return {name: _get(f, file, name).to(device=device, dtype=dtype) for name in expected}
-
-
-def _get(f, file: Path, name: str) -> torch.Tensor:
-    try:
-        return f.get_tensor(name)
-    except SafetensorError as e:
-        raise ValueError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt: {e})") from e
 
 
 class _SkipInit(TorchFunctionMode):
@@ -137,32 +88,114 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def load_hf(path, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
-    """A Transformer in eval mode with the weights of an HF checkpoint directory; dtype None keeps the file's."""
-    _check_dtype(dtype)
-    path = Path(path)
-    args = read_args(path)
+def meta_model(args: ModelArgs) -> Transformer:
+    """The Transformer of `args` on the meta device: shapes without storage, nothing initialised."""
     with torch.device("meta"), _SkipInit():
-        model = Transformer(args)
-    # named_parameters lists a tied weight once, under model.embed_tokens.weight.
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    files = _weight_files(path)
-    if missing := sorted(set(expected) - set(files)):
-        raise ValueError(f"{path}: checkpoint lacks tensor {missing[0]!r} that config.json implies "
-                         f"({len(missing)} missing)")
-    # A tied checkpoint may still carry its lm_head copy; the tie wins, as in transformers.
-    ignored = {"lm_head.weight"} if args.tie_embeddings else set()
-    if unexpected := sorted(set(files) - set(expected) - ignored):
-        name = unexpected[0]
-        raise ValueError(f"{files[name]}: unexpected tensor {name!r}, not a parameter of the model config.json describes")
+        return Transformer(args)
 
-    by_file: dict[Path, dict[str, tuple]] = {}
-    for name, shape in expected.items():
-        by_file.setdefault(files[name], {})[name] = shape
-    state = {}
-    for file, shapes in by_file.items():
-        state.update(_read_shard(file, shapes, dtype, device))
-    if args.tie_embeddings:
+
+def _open(file: Path, backend: str = "mmap"):
+    try:
+        return safe_open(file, framework="pt", backend=backend)
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt: {e})") from None
+
+
+def _get(f, file: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except SafetensorError as e:
+        raise ValueError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt: {e})") from None
+
+
+class HFCheckpoint:
+    """A checked HF checkpoint directory: its ModelArgs, and for every parameter the file that holds it.
+
+    Construction reads config.json and every header (no tensor data) and raises, naming the file and the
+    tensor, on a missing config or shard, an unreadable file, a missing or unexpected tensor, a wrong shape or
+    an unsupported dtype. `shapes` lists the parameters in the model's order (a tied lm_head is not one).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.args = read_args(self.path)
+        self.shapes = {name: tuple(p.shape) for name, p in meta_model(self.args).named_parameters()}
+        self.files = self._weight_files()
+        if missing := [name for name in self.shapes if name not in self.files]:
+            raise ValueError(f"{self.path}: checkpoint lacks tensor {missing[0]!r} that config.json implies "
+                             f"({len(missing)} missing)")
+        # A tied checkpoint may still carry its lm_head copy; the tie wins, as in transformers.
+        ignored = {"lm_head.weight"} if self.args.tie_embeddings else set()
+        if unexpected := sorted(set(self.files) - set(self.shapes) - ignored):
+            name = unexpected[0]
+            raise ValueError(f"{self.files[name]}: unexpected tensor {name!r}, not a parameter of the model "
+                             f"config.json describes")
+        self.dtypes = {}
+        for file in dict.fromkeys(self.files[name] for name in self.shapes):
+            with _open(file) as f:
+                present = set(f.keys())
+                for name in (n for n in self.shapes if self.files[n] == file):
+                    if name not in present:
+                        raise ValueError(f"{file}: tensor {name!r} is missing although the index places it here")
+                    meta = f.get_slice(name)
+                    code, shape = meta.get_dtype(), tuple(meta.get_shape())
+                    if code not in _DTYPES:
+                        raise ValueError(f"{file}: tensor {name!r} has dtype {code}; only F32, F16 and BF16 "
+                                         f"are supported")
+                    if shape != self.shapes[name]:
+                        raise ValueError(f"{file}: tensor {name!r} has shape {shape}, expected "
+                                         f"{self.shapes[name]} from config.json")
+                    self.dtypes[name] = _DTYPES[code]
+
+    def _weight_files(self) -> dict[str, Path]:
+        """Every tensor name in the checkpoint mapped to its file: model.safetensors first, else the index."""
+        single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
+        if single.is_file():
+            with _open(single) as f:
+                return dict.fromkeys(f.keys(), single)
+        if not index.is_file():
+            raise FileNotFoundError(f"{self.path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: self.path / shard for name, shard in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
+        for name, file in files.items():
+            if not file.is_file():
+                raise FileNotFoundError(f"shard {file.name} (holding {name!r}) is named in {index} but does not exist")
+        return files
+
+    def read(self, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+        """Every parameter, file by file: the file's own pages on the CPU in its dtype, else cast one at a time."""
+        state = {}
+        for file in dict.fromkeys(self.files[name] for name in self.shapes):
+            names = [n for n in self.shapes if self.files[n] == file]
+            zero_copy = torch.device(device).type == "cpu" and all(dtype in (None, self.dtypes[n]) for n in names)
+            # Otherwise a tensor of its own per read, so the file is never resident beside the converted copy.
+            with _open(file, "mmap" if zero_copy else "pread") as f:
+                for name in names:
+                    t = _get(f, file, name)
+                    state[name] = t if zero_copy else t.to(device=device, dtype=dtype)
+        return state
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop−1 of one parameter (the whole of a 1-D one's range), fp32, without reading the rest."""
+        file = self.files[name]
+        with _open(file) as f:
+            try:
+                return f.get_slice(name)[start:stop].float()
+            except SafetensorError as e:
+                raise ValueError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt: {e})") from None
+
+
+def load_hf(path, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
+    """A Transformer in eval mode with the weights of an HF checkpoint directory (or an `HFCheckpoint`);
+    dtype None keeps the file's."""
+    _check_dtype(dtype)
+    checkpoint = path if isinstance(path, HFCheckpoint) else HFCheckpoint(path)
+    model = meta_model(checkpoint.args)
+    state = checkpoint.read(dtype, device)
+    if checkpoint.args.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
@@ -179,47 +212,58 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
-def atomic_write(file: Path, write):
-    """Call write(tmp) on a temporary name beside `file`, then move it into place in one step."""
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+def write_hf(args: ModelArgs, tensors, path, max_shard_size="5GB", dtype=torch.float32, write=True) -> None:
+    """Stream `tensors`, (HF name, full tensor) pairs, into an HF checkpoint directory for `args`.
+
+    Each tensor is cast and moved to the CPU as it comes, so at most one shard is held. With `write` false the
+    stream is drained and nothing is written: the ranks of an engine that are not rank 0.
+    """
+    _check_dtype(dtype)
+    path, limit = Path(path), parse_size(max_shard_size)
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+    shards, current, size, total = [], {}, 0, 0
+
+    def flush():
+        tmp = path / f".part{len(shards)}.tmp{os.getpid()}"
+        save_file(current, str(tmp), metadata={"format": "pt"})
+        shards.append((tmp, list(current)))
+        current.clear()
+
     try:
-        write(tmp)
-        os.replace(tmp, file)
+        for name, t in tensors:
+            if not write:
+                continue
+            nbytes = t.numel() * dtype.itemsize
+            if current and size + nbytes > limit:
+                flush()
+                size = 0
+            current[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
+            size, total = size + nbytes, total + nbytes
+        if not write:
+            return
+        flush()
+        n = len(shards)
+        files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (tmp, _), file in zip(shards, files):
+            os.replace(tmp, path / file)
+        config = json.dumps(args.to_hf_config(dtype), indent=2)
+        atomic_write(path / "config.json", lambda tmp: tmp.write_text(config))
+        if n > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {name: file for (_, names), file in zip(shards, files) for name in names}}
+            atomic_write(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in shards:
+            tmp.unlink(missing_ok=True)
+    # Stale files of an earlier save: the single file before the shards it would shadow, index before shards.
+    stale = [SINGLE_FILE] if n > 1 else [INDEX_FILE]
+    stale += sorted(f.name for f in path.iterdir() if _SHARD_NAME.fullmatch(f.name) and f.name not in files)
+    for name in stale:
+        (path / name).unlink(missing_ok=True)
 
 
 def save_hf(model: Transformer, path, max_shard_size="5GB", dtype: torch.dtype | None = None) -> None:
-    """Write model as an HF checkpoint directory (config.json + safetensors), sharded above max_shard_size."""
-    _check_dtype(dtype)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    limit = parse_size(max_shard_size)
-    params = dict(model.named_parameters())  # a tied lm_head is listed once, as embed_tokens
-    dtype = dtype or params["model.embed_tokens.weight"].dtype
-    shards, size = [[]], 0
-    for name, p in params.items():  # greedy, in model order, so shards follow the layers
-        nbytes = p.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    n = len(shards)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for shard, names_in in zip(names, shards):
-        # One shard at a time is cast and moved to the CPU, so saving adds at most a shard of memory.
-        tensors = {k: params[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in names_in}
-        atomic_write(path / shard, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        del tensors
-    config = json.dumps(model.args.to_hf_config(dtype), indent=2)
-    atomic_write(path / "config.json", lambda tmp: tmp.write_text(config))
-    if n > 1:
-        index = {"metadata": {"total_size": sum(p.numel() * dtype.itemsize for p in params.values())},
-                 "weight_map": {k: shard for shard, names_in in zip(names, shards) for k in names_in}}
-        atomic_write(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    # Stale files of an earlier save: the single file before the shards it would shadow, index before shards.
-    stale = [SINGLE_FILE] if n > 1 else [INDEX_FILE]
-    stale += sorted(f.name for f in path.iterdir() if _SHARD_NAME.fullmatch(f.name) and f.name not in names)
-    for name in stale:
-        (path / name).unlink(missing_ok=True)
+    """Write `model` as an HF checkpoint directory (config.json + safetensors), sharded above max_shard_size."""
+    params = model.named_parameters()  # a tied lm_head is listed once, as embed_tokens
+    write_hf(model.args, params, path, max_shard_size, dtype or model.model.embed_tokens.weight.dtype)

@@ -1,12 +1,36 @@
-"""The continual-learning run's settings; every field is a train.py flag (underscores become dashes).
+"""Settings: what each method does, the continual-learning run's settings, the presets, and their flags.
 
 Defaults are the paper's (Sec. 4.1, Appendix B, the equations as written). Each place where the authors' code
-chooses differently is one field away, named after what it does; `--preset official` sets them all
-(train.py). A field's `help` and `choices` become its flag's help text and allowed values.
+chooses differently is one field away, named after what it does; `--preset official` sets them all. A field's
+`help` and `choices` become its flag's help text and allowed values (`add_flags`), so every entry point's
+dataclass is its command line. Settings resolve in one visible order (`resolve`): the library's defaults, then
+the task order's epochs, then a preset, then the demo's settings, then the flags typed on the command line.
 """
+import argparse
+import dataclasses
 from dataclasses import dataclass, field, fields
 
-METHODS = ("seqft", "replay", "derpp", "seekr", "lwf", "ewc", "mtl")
+
+@dataclass(frozen=True)
+class Method:
+    """What a method adds to new-task cross-entropy; the trainer asks these, never a method's name."""
+    replays: bool = False             # trains on the replay buffers R_k of earlier tasks (Eq. 2)
+    distils_logits: bool = False      # stores θ_k's logits on R_k and distils them when replaying (Eq. 3)
+    distils_attention: bool = False   # scores and selects heads, distils their attention rows (Eq. 5-13)
+    distils_previous: bool = False    # distils θ_{k−1} on the new task's own inputs (LwF)
+    penalises_drift: bool = False     # adds a quadratic penalty towards earlier weights (EWC)
+    joint: bool = False               # trains once on every task together (MTL, the upper bound)
+
+
+METHODS = {
+    "seqft": Method(),                                                        # the lower bound
+    "replay": Method(replays=True),
+    "derpp": Method(replays=True, distils_logits=True),
+    "seekr": Method(replays=True, distils_logits=True, distils_attention=True),
+    "lwf": Method(distils_previous=True),
+    "ewc": Method(penalises_drift=True),
+    "mtl": Method(joint=True),
+}
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -18,7 +42,7 @@ def option(default, help, choices=None):
 
 @dataclass
 class ContinualConfig:
-    method: str = option("seekr", "continual-learning method", METHODS)
+    method: str = option("seekr", "continual-learning method", tuple(METHODS))
     lr: float = option(1e-5, "AdamW learning rate, constant (the paper's 7B setting)")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay on matrices and embeddings")
     betas: tuple = option((0.9, 0.95), "AdamW betas (the official code's)")
@@ -110,3 +134,34 @@ def resolve(*layers: dict) -> ContinualConfig:
     for layer in layers:
         merged.update(layer)
     return ContinualConfig(**merged)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per dataclass field, with the field's help, its choices and its default."""
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if "default" not in help:
+            help += f" (default: {','.join(map(str, default)) if isinstance(default, (list, tuple)) else default!r})"
+        if isinstance(default, (list, tuple)):
+            kind = type(default[0]) if default else int
+            parser.add_argument(flag, default=default, help=help, metavar="A,B,...",
+                                type=lambda s, kind=kind: [kind(x) for x in s.split(",")])
+        elif isinstance(default, bool):
+            parser.add_argument(flag, default=default, help=help, choices=(True, False),
+                                type=lambda s: s.lower() in ("1", "true", "yes"))
+        else:
+            parser.add_argument(flag, default=default, type=type(default), help=help,
+                                choices=[c for c in choices if c] if choices else None)
+
+
+def typed_flags(argv) -> set:
+    """The field names whose flags were typed on the command line (`--flag value` or `--flag=value`)."""
+    return {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def from_flags(cls, ns, only=None):
+    """The fields of `cls` from parsed flags: all of them, or a dict of those named in `only` (the typed ones)."""
+    values = {f.name: getattr(ns, f.name) for f in fields(cls) if only is None or f.name in only}
+    return values if only is not None else cls(**values)

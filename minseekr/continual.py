@@ -1,6 +1,7 @@
 """Algorithm 1: continual learning over a task sequence, with SEEKR and its baselines, on one process or many.
 
-One loop serves every method; a method only changes the loss and what is kept between tasks:
+One loop serves every method; a method (its row of `config.METHODS`) only changes the loss and what is kept
+between tasks:
 
     seqft   new-task cross-entropy only (the lower bound)
     replay  + cross-entropy on replayed samples (Eq. 2)
@@ -20,138 +21,81 @@ Per task k:
      (Eq. 11); then R_k is written to the buffer with θ_k's logits and attention rows.
   4. θ_k is exported in HF format and evaluated on every task seen so far and on the next one (for FWT).
 
-Parallelism. The model lives in an engine (minseekr/fsdp.py: the hand-written FSDP, or FSDP2 with `--fsdp torch`);
-one process is a world of one. `batch_size` is the *global* micro-batch: every rank builds the same seeded plan
-and takes every world-th sample of each batch, reading only its own samples from the buffer. Each loss term is
-a sum over the rank's tokens divided by the micro-batch's global count (known on every rank from the plan) and
-multiplied by the world size, since the engine averages gradients over ranks: the gradient is then exactly that
-of the micro-batch mean, so N ranks train as one process does. Head scores are sums over each rank's share of
-R_k, all-reduced; evaluation splits the test batches over ranks, each with the exported checkpoint.
+Parallelism. The model lives in an engine (`engine.py`); one process is a world of one. `batch_size` is the
+*global* micro-batch: every rank builds the same seeded plan and takes every world-th sample of each batch,
+reading only its own samples from the buffer. Each loss term is a sum over the rank's tokens divided by the
+micro-batch's global count (known on every rank from the plan) and multiplied by the world size, since the
+engine averages gradients over ranks, and divided by the micro-batches of its optimiser step: the step's
+gradient is exactly the mean of its micro-batch means, so N ranks train as one process does. Head scores are
+sums over each rank's share of R_k, all-reduced; evaluation splits the test batches over ranks.
 
 Resume. Every draw is seeded by (seed, task, epoch), so a position in the plan fixes the data; a resume point
-(`resume/`) holds the sharded weights and AdamW state, EWC's terms, and the run's state (results so far, head
+(`resume.py`) holds the sharded weights and AdamW state, EWC's terms, and the run's state (results so far, head
 selection, position, bytes of metrics.jsonl), written every `checkpoint_every` optimiser steps and after each task.
-
-L_ad is averaged over samples, selected heads and rows (the official normalisation up to its per-layer
-grouping): with Eq. 12's plain sum the paper's λ2 = 1e3 would scale with B_H·B_T.
 """
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from minseekr import heads as H
+from minseekr import heads
 from minseekr.baselines import EWC
-from minseekr.buffer import TaskMemory, collate, logit_kl, logit_mse, teacher_signals, write_task
-from minseekr.checkpoint import atomic_write, load_hf, read_args
-from minseekr.config import ContinualConfig
-from minseekr.evaluation import evaluate, gather
-from minseekr.fsdp import FSDP, init_distributed
-from minseekr.fsdp_torch import TorchFSDP
-from minseekr.kl import AttentionKL
-from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
+from minseekr.batches import device_batch, encode, index_batches, interleave, my_part, n_labels
+from minseekr.buffer import TaskMemory, write_task
+from minseekr.checkpoint import load_hf
+from minseekr.config import METHODS, ContinualConfig
+from minseekr.engine import build_engine, export_hf, load_engine
+from minseekr.evaluation import evaluate
+from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
 from minseekr.model import Transformer, token_losses
-
-REPLAYING = ("replay", "derpp", "seekr")
-
-
-def encode(tokenizer, records, max_len) -> list[dict]:
-    """TRACE training encoding of {"prompt", "answer"} records as tensors."""
-    out = []
-    for r in records:
-        ids, labels = tokenizer.encode_example(r["prompt"], r["answer"], max_len)
-        out.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
-    return out
-
-
-def interleave(streams: dict) -> list:
-    """Merge {name: n_batches} evenly by volume: batch j of a stream of n sits at (j + 0.5) / n."""
-    slots = [((j + 0.5) / n, name, j) for name, n in streams.items() for j in range(n)]
-    return [(name, j) for _, name, j in sorted(slots, key=lambda s: (s[0], str(s[1])))]
-
-
-def index_batches(n, batch_size, rng=None) -> list[list[int]]:
-    """Indices 0..n−1 in batches, shuffled by `rng` when given."""
-    order = list(range(n))
-    if rng is not None:
-        rng.shuffle(order)
-    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
-
-
-def my_part(items, rank, world):
-    """This rank's share of a global batch (every world-th item) and its weight. Every rank must run the same
-    forwards (FSDP gathers weights collectively), so an empty share runs the batch's first item with weight 0."""
-    mine = items[rank::world]
-    return (mine, 1.0) if mine else (items[:1], 0.0)
-
-
-def to_device(batch, device):
-    return {key: t.to(device) for key, t in batch.items()}
-
-
-def n_labels(labels) -> int:
-    """Labelled tokens of a sample's labels: the terms of its loss."""
-    return int((labels[1:] != -100).sum())
-
-
-def build_engine(model, cfg: ContinualConfig, kind="minseekr", device=None, compute_dtype=None,
-                 activation_checkpointing=False):
-    """The training engine over `model`: the hand-written FSDP (`minseekr`) or FSDP2 (`torch`), any world size."""
-    if kind not in ("minseekr", "torch"):
-        raise ValueError(f"--fsdp must be minseekr|torch, got {kind!r}")
-    _, _, default_device = init_distributed()
-    engine = FSDP if kind == "minseekr" else TorchFSDP
-    return engine(model, device=device or default_device, compute_dtype=compute_dtype,
-                  activation_checkpointing=activation_checkpointing, betas=tuple(cfg.betas),
-                  weight_decay=cfg.weight_decay)
+from minseekr.resume import Position, latest_point, load_sharded, write_point
+from minseekr.rundir import RunDir, summarize
+from minseekr.runtime import all_reduce, atomic_write, barrier, gather
 
 
 class ContinualTrainer:
     """Runs Algorithm 1 for one method over a task sequence and writes a run directory.
 
-    `engine` comes from `build_engine`; a plain Transformer is wrapped in the hand-written engine.
-    `eval_fn(model, task) -> score` replaces `evaluate` (tests use it to skip generation).
+    `engine` comes from `engine.build_engine` or `load_engine`; a plain Transformer is wrapped in the
+    hand-written engine. `eval_fn(model, task) -> score` replaces `evaluate` (tests use it to skip generation).
     """
 
     def __init__(self, engine, tokenizer, tasks, cfg: ContinualConfig, run_dir, eval_fn=None):
         if isinstance(engine, Transformer):
-            engine = build_engine(engine, cfg)
+            engine = build_engine(engine, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.engine, self.model, self.tok, self.tasks, self.cfg = engine, engine.model, tokenizer, tasks, cfg
+        self.method = METHODS[cfg.method]
         self.rank, self.world, self.device = engine.rank, engine.world, engine.device
-        self.run = Path(run_dir)
-        if self.rank == 0:
-            self.run.mkdir(parents=True, exist_ok=True)
-            (self.run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        self.stages = [list(range(len(tasks)))] if cfg.method == "mtl" else [[k] for k in range(len(tasks))]
+        self.run = RunDir(run_dir)
         args = self.model.args
-        if cfg.method == "seekr":   # fail before training, not after the first task
-            H.select_heads(torch.ones(args.n_layers, args.n_heads), cfg.layer_budget, cfg.head_budget)
-        if cfg.method in REPLAYING:
-            for task in tasks[:-1]:   # the last task's R_k is never replayed, but is drawn all the same
+        if self.method.distils_attention:   # fail before training, not after the first task
+            heads.select_heads(torch.ones(args.n_layers, args.n_heads), cfg.layer_budget, cfg.head_budget)
+        self.stages = [list(range(len(tasks)))] if self.method.joint else [[k] for k in range(len(tasks))]
+        if self.method.replays:
+            for task in tasks[:-1]:   # the last task's R_k is never replayed
                 if round(cfg.replay_ratio * len(task.train)) == 0:
                     raise ValueError(f"--replay-ratio {cfg.replay_ratio} keeps round({cfg.replay_ratio} × "
                                      f"{len(task.train)}) = 0 samples of task {task.name} ({len(task.train)} training "
                                      f"samples), so --method {cfg.method} would replay nothing of it: use "
                                      f"--replay-ratio ≥ {1 / len(task.train):.3g}, or more training samples")
-        self.scores = H.HeadScores(args.n_layers, args.n_heads)
-        self.heads = []                     # the current selection H (Algorithm 1, line 10)
+        if self.rank == 0:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run.config, lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=1)))
+        self.scores = heads.HeadScores(args.n_layers, args.n_heads)
+        self.selected = []                  # the current selection H (Algorithm 1, line 10)
         self.memories = []                  # TaskMemory per finished task
         self.memory_tokens, self.memory_rows = [], []   # per finished task and sample: labelled tokens, query rows
         self.R, self.base = [], None
-        self.ewc = EWC(cfg.ewc_weight) if cfg.method == "ewc" else None
+        self.ewc = EWC(cfg.ewc_weight) if self.method.penalises_drift else None
         self.teacher = None                 # LwF's frozen θ_{k−1}
         self.dtype, self.attn_dtype = getattr(torch, cfg.signal_dtype), getattr(torch, cfg.attn_dtype or cfg.signal_dtype)
         self.eval_fn = eval_fn or (lambda model, task: evaluate(
             model, tokenizer, task, cfg.eval_samples, cfg.max_prompt_len, cfg.max_new_tokens, progress=self.rank == 0))
-        self.log = self.run / "metrics.jsonl"
 
     # ---- one micro-step -------------------------------------------------------------------------------
     def micro_step(self, samples, weight, counts, memory=None, n_micro=1):
@@ -161,11 +105,10 @@ class ContinualTrainer:
         tokens, samples and query rows; `memory` is the old task a replayed batch comes from; the optimiser
         step's gradient is the mean over its `n_micro` micro-batches.
         """
-        n_tokens = counts["tokens"]
-        cfg = self.cfg
-        batch = to_device(collate(samples, self.tok.pad_id), self.device)
+        cfg, n_tokens = self.cfg, counts["tokens"]
+        batch = device_batch(samples, self.tok.pad_id, self.device)
         probe = None
-        if memory is not None and cfg.method == "seekr" and self.distilled_heads(memory):
+        if memory is not None and self.method.distils_attention and self.distilled_heads(memory):
             probe = self.kl_probe(batch, memory)
         logits = self.model(batch["input_ids"], batch["attention_mask"], probe=probe)
         predicting = batch["labels"][:, 1:] != -100
@@ -181,7 +124,7 @@ class ContinualTrainer:
                 sums["lwf_kl"] = (lwf, n_tokens)
         else:
             sums["replay_ce"] = (ce, n_tokens)
-            if cfg.method in ("derpp", "seekr"):
+            if self.method.distils_logits:
                 distil = logit_kl if cfg.logit_loss == "kl" else logit_mse
                 ld = distil(logits[:, :-1][predicting], batch).sum()
                 loss = cfg.lambda1 * loss + (1 - cfg.lambda1) * ld / n_tokens
@@ -191,9 +134,7 @@ class ContinualTrainer:
                 loss = loss + cfg.lambda2 * ad / n_ad
                 sums["attn_kl"] = (ad, n_ad)
         (loss * (weight * self.world / n_micro)).backward()
-        values = torch.tensor([float(s.detach()) * weight for s, _ in sums.values()], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(values)
+        values = all_reduce(torch.tensor([float(s.detach()) * weight for s, _ in sums.values()], device=self.device))
         return {name: v.item() / float(n) for (name, (_, n)), v in zip(sums.items(), values)}
 
     def attention_loss(self, probe, counts, n_heads):
@@ -205,19 +146,14 @@ class ContinualTrainer:
         return probe.layer_means().sum(), counts["samples"] * len(probe.kl)
 
     def distilled_heads(self, memory):
-        return memory.heads if self.cfg.teacher_heads == "selected" else self.heads
+        return memory.heads if self.cfg.teacher_heads == "selected" else self.selected
 
     def kl_probe(self, batch, memory):
-        """AttentionKL over the heads this memory is distilled on, with its teacher rows."""
-        heads = self.distilled_heads(memory)
-        index = {h: i for i, h in enumerate(memory.heads)}
-        teacher_all = batch["teacher_attn"]                            # (B, |H_stored|, T, S)
-        by_layer, teacher = {}, {}
-        for l, h in heads:
-            by_layer.setdefault(l, []).append(h)
-        for l, hs in by_layer.items():
-            teacher[l] = teacher_all[:, [index[(l, h)] for h in hs]]
-        return AttentionKL(by_layer, batch["rows"], teacher, batch["attention_mask"])
+        """AttentionKL over the heads this memory is distilled on, with their stored teacher rows."""
+        pairs = self.distilled_heads(memory)
+        stored = {pair: i for i, pair in enumerate(memory.heads)}
+        teacher = batch["teacher_attn"][:, [stored[pair] for pair in pairs]]     # (B, |H|, T, S)
+        return AttentionKL(pairs, batch["rows"], teacher, batch["attention_mask"])
 
     def optimizer_step(self):
         """EWC's penalty gradient (if any), global-norm clip, AdamW on the shards; returns the step's logged terms:
@@ -234,39 +170,38 @@ class ContinualTrainer:
         cfg = self.cfg
         new = index_batches(n_train, cfg.batch_size, random.Random(f"{cfg.seed}-{s}-{epoch}"))
         old = {j: index_batches(len(m), cfg.batch_size, random.Random(f"{cfg.seed}-{s}-{epoch}-{j}"))
-               for j, m in enumerate(self.memories)} if cfg.method in REPLAYING else {}
+               for j, m in enumerate(self.memories)} if self.method.replays else {}
         plan = interleave({"new": len(new), **{j: len(b) for j, b in old.items()}})
         return [(name, new[j] if name == "new" else old[name][j]) for name, j in plan]
 
-    def train_task(self, s, at=None):
-        """Train stage s (task s; all tasks for MTL), from resume point `at` if given, then finish it."""
+    def train_task(self, s, at: Position | None = None):
+        """Train stage s (task s; all tasks for MTL), from resume position `at` if given, then finish it."""
         cfg, ks = self.cfg, self.stages[s]
         train = [x for k in ks for x in encode(self.tok, self.tasks[k].train, cfg.max_len)]
         tokens = [n_labels(x["labels"]) for x in train]
         replay = self.draw_replay(s, train)
         scoring = self.score_batches(replay)       # R_k's batches, for θ_{k−1}'s snapshot and θ_k's scores
-        before = self.attention_snapshot(s, scoring, fresh=at is None or at["step"] == 0)
+        before = self.attention_snapshot(s, scoring, fresh=at is None or at.step == 0)
         self.load_teacher(s)
         name = "+".join(self.tasks[k].name for k in ks)
         epochs = max(cfg.epochs[k] if k < len(cfg.epochs) else cfg.epochs[-1] for k in ks)
         plans = [self.epoch_plan(s, epoch, len(train)) for epoch in range(epochs)]
         total = sum(len(plan) for plan in plans)   # micro-steps in the task; the last optimiser step may take fewer
-        step = at["step"] if at else 0
-        logged = {}                                 # loss terms of the optimiser step in progress: name -> [sum, n]
+        at = at or Position(s)
+        step, logged = at.step, {}                  # logged: the open optimiser step's loss terms, name -> [sum, n]
         self.model.train()
-        for epoch in range(at["epoch"] if at else 0, epochs):
-            plan = plans[epoch]
-            start = at["micro"] if at and epoch == at["epoch"] else 0
+        for epoch in range(at.epoch, epochs):
+            plan, start = plans[epoch], at.micro if epoch == at.epoch else 0
             bar = tqdm(plan, desc=f"{cfg.method} task {s + 1}/{len(self.stages)} {name} ep {epoch + 1}", leave=False,
                        initial=start, disable=self.rank != 0)
             for i, (source, idx) in enumerate(plan[start:], start):
                 memory = None if source == "new" else self.memories[source]
                 part, weight = my_part(idx, self.rank, self.world)   # this rank reads only its samples
                 samples = [train[x] if memory is None else memory[x] for x in part]
-                first = step - step % cfg.grad_accum
                 counts = {"tokens": sum((tokens if memory is None else self.memory_tokens[source])[x] for x in idx),
                           "samples": len(idx),
                           "rows": 0 if memory is None else sum(self.memory_rows[source][x] for x in idx)}
+                first = step - step % cfg.grad_accum
                 terms = self.micro_step(samples, weight, counts, memory, n_micro=min(cfg.grad_accum, total - first))
                 for key, value in terms.items():
                     logged.setdefault(key, [0.0, 0])
@@ -279,7 +214,7 @@ class ContinualTrainer:
                     self.log_step(s, epoch, logged)
                     logged = {}
                     if cfg.checkpoint_every and self.engine.step % cfg.checkpoint_every == 0:
-                        self.save_resume({"task": s, "epoch": epoch, "micro": i + 1, "step": step})
+                        self.save_resume(Position(s, epoch, i + 1, step))
             bar.close()
         self.model.eval()
         self.finish_task(s, train, scoring, before)
@@ -289,22 +224,26 @@ class ContinualTrainer:
         record = {"task": s, "epoch": epoch, **{key: total / n for key, (total, n) in logged.items()}}
         record.update(self.optimizer_step())
         if self.rank == 0:
-            with self.log.open("a") as f:
+            with self.run.metrics.open("a") as f:
                 f.write(json.dumps({**record, "step": self.engine.step}) + "\n")
+
+    def replay_size(self, s) -> int:
+        """|R_k| of stage s: 0 unless the method replays."""
+        n = sum(len(self.tasks[k].train) for k in self.stages[s])
+        return round(self.cfg.replay_ratio * n) if self.method.replays else 0
 
     def draw_replay(self, s, train):
         """R_k with its query rows: seeded per task, independent of any model (empty unless the method replays)."""
-        cfg = self.cfg
-        if cfg.method not in REPLAYING or not train:
+        cfg, m = self.cfg, self.replay_size(s)
+        if m == 0:
             return []
-        m = round(cfg.replay_ratio * len(train))
         idx = list(range(m)) if cfg.replay_select == "first" else \
             sorted(random.Random(f"{cfg.seed}-replay-{s}").sample(range(len(train)), m))
         replay = [dict(train[i]) for i in idx]          # copies: rows are added to these only
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
         for sample in replay:   # min(n, B_T) distinct rows per sample (every row when B_T = 0)
             mask = torch.ones(1, sample["input_ids"].numel(), dtype=torch.long)
-            sample["rows"] = H.sample_query_rows(mask, cfg.query_budget, gen)[0]
+            sample["rows"] = heads.sample_query_rows(mask, cfg.query_budget, gen)[0]
         return replay
 
     def score_batches(self, replay):
@@ -312,38 +251,31 @@ class ContinualTrainer:
         out = []
         for start in range(0, len(replay), self.cfg.batch_size):
             mine, weight = my_part(replay[start:start + self.cfg.batch_size], self.rank, self.world)
-            out.append((to_device(collate(mine, self.tok.pad_id), self.device), weight, int(weight) * len(mine)))
+            out.append((device_batch(mine, self.tok.pad_id, self.device), weight, int(weight) * len(mine)))
         return out
 
     def mean_over_ranks(self, values):
         """Σ value·n / Σ n over every rank's (per-batch mean, n samples) pairs: a mean over all of R_k."""
         total = sum(v * n for v, n in values)
         count = torch.tensor(float(sum(n for _, n in values)), device=total.device)
-        if self.world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(count)
-        return total / count
+        return all_reduce(total) / all_reduce(count)
 
     def needs_forgettability(self):
-        return self.cfg.method == "seekr" and self.cfg.head_score in ("both", "forgettability")
-
-    def snapshot_path(self, s):
-        return self.run / "snapshots" / f"task{s:02d}-rank{self.rank:05d}.safetensors"
+        return self.method.distils_attention and self.cfg.head_score in ("both", "forgettability")
 
     def attention_snapshot(self, s, batches, fresh):
         """θ_{k−1}'s attention at R_k's rows, every head, in bf16 on disk (this rank's share); memory-mapped."""
         if not batches or not self.needs_forgettability():
             return None
-        path = self.snapshot_path(s)
+        path = self.run.snapshot(s, self.rank)
         if not fresh and not path.exists():
             raise FileNotFoundError(
                 f"{path}: θ_{{k−1}}'s attention on R_k for task {s} ({self.tasks[s].name}) is missing, and this resume "
                 f"point is inside the task: forgettability (Eq. 9) cannot be rebuilt from partly trained weights. "
                 f"Restore the file, or start the run again")
         if fresh:
-            maps = {}
-            for b, (batch, _, _) in enumerate(batches):
-                maps[str(b)] = H.attention_at_rows(self.model, [batch], [batch["rows"]])[0].to("cpu", torch.bfloat16)
+            maps = {str(b): heads.attention_at_rows(self.model, [batch], [batch["rows"]])[0].to("cpu", torch.bfloat16)
+                    for b, (batch, _, _) in enumerate(batches)}
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: save_file(maps, str(tmp)))
         return safe_open(str(path), "pt")
@@ -351,51 +283,50 @@ class ContinualTrainer:
     def load_teacher(self, s):
         """LwF's θ_{k−1}: a frozen hand-sharded copy of the previous task's export (none before task 2)."""
         self.teacher = None
-        if self.cfg.method != "lwf" or s == 0:
-            return
-        path = self.checkpoint_dir(s)
-        with torch.device("meta"):
-            model = Transformer(read_args(path)).requires_grad_(False)
-        self.teacher = FSDP(model, device=self.device, compute_dtype=self.engine.compute_dtype)
-        self.teacher.load_hf(path)
+        if self.method.distils_previous and s > 0:
+            self.teacher = load_engine(self.run.checkpoint(s), frozen=True, device=self.device,
+                                       compute_dtype=self.engine.compute_dtype)
 
     def finish_task(self, s, train, batches, before):
         """Algorithm 1, lines 8-11 with θ_k: head scores and selection, R_k's buffer, EWC's consolidation."""
-        cfg, args = self.cfg, self.model.args
+        cfg = self.cfg
         self.teacher = None
-        if cfg.method == "seekr" and batches:
-            ones = torch.ones(args.n_layers, args.n_heads)   # the ablations of Table 4 drop one factor
-            S = Fk = ones
-            if cfg.head_score in ("both", "sensitivity"):
-                S = self.mean_over_ranks([(H.task_sensitivity(self.model, [b], entries=cfg.sensitivity_entries,
-                                                              norm=cfg.sensitivity_norm), n)
-                                          for b, _, n in batches]).cpu()
-            if before is not None:
-                Fk = self.mean_over_ranks([
-                    (H.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]],
-                                        norm=cfg.forgettability_norm), n)
-                    for i, (b, _, n) in enumerate(batches)]).cpu()
-            self.scores.add_task(self.tasks[s].name, S, Fk)
-            if cfg.head_score == "random":
-                gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
-                self.heads = H.random_heads(args.n_layers, args.n_heads, cfg.head_budget, gen)
-            else:
-                self.heads = self.scores.select(cfg.layer_budget, cfg.head_budget, cfg.importance)
-            if self.rank == 0:
-                self.scores.save(self.run / "head_scores.safetensors")
+        if self.method.distils_attention and batches:
+            self.score_heads(s, batches, before)
         if batches:
             self.write_buffer(s, batches)
         if self.ewc:
             picked = random.Random(f"{cfg.seed}-ewc-{s}").sample(range(len(train)), min(cfg.ewc_samples, len(train)))
-            self.ewc.consolidate(self.engine, [to_device(collate([train[i]], self.tok.pad_id), self.device)
-                                               for i in picked])
+            self.ewc.consolidate(self.engine, [device_batch([train[i]], self.tok.pad_id, self.device) for i in picked])
+
+    def score_heads(self, s, batches, before):
+        """Eq. 7-11 on R_k with θ_k: S^k and F^k (or Table 4's ablations), then the new selection H."""
+        cfg, args = self.cfg, self.model.args
+        ones = torch.ones(args.n_layers, args.n_heads)     # the ablations of Table 4 drop one factor
+        S = F = ones
+        if cfg.head_score in ("both", "sensitivity"):
+            S = self.mean_over_ranks([(heads.task_sensitivity(self.model, [b], entries=cfg.sensitivity_entries,
+                                                              norm=cfg.sensitivity_norm), n)
+                                      for b, _, n in batches]).cpu()
+        if before is not None:
+            F = self.mean_over_ranks([(heads.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]],
+                                                              norm=cfg.forgettability_norm), n)
+                                      for i, (b, _, n) in enumerate(batches)]).cpu()
+        self.scores.add_task(self.tasks[s].name, S, F)
+        if cfg.head_score == "random":
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
+            self.selected = heads.random_heads(args.n_layers, args.n_heads, cfg.head_budget, gen)
+        else:
+            self.selected = self.scores.select(cfg.layer_budget, cfg.head_budget, cfg.importance)
+        if self.rank == 0:
+            self.scores.save(self.run.head_scores)
 
     def write_buffer(self, s, batches):
         """θ_k's signals on R_k: each rank computes its share, rank 0 writes the task's buffer files."""
         args = self.model.args
         stored = []
-        if self.cfg.method == "seekr":
-            stored = self.heads if self.cfg.teacher_heads == "selected" else \
+        if self.method.distils_attention:
+            stored = self.selected if self.cfg.teacher_heads == "selected" else \
                 [(l, h) for l in range(args.n_layers) for h in range(args.n_heads)]
         mine = []
         for b, (batch, weight, _) in enumerate(batches):
@@ -404,108 +335,75 @@ class ContinualTrainer:
             if weight:
                 first = b * self.cfg.batch_size + self.rank
                 mine += [(first + j * self.world, sig) for j, sig in enumerate(signals)]
+        everyone = gather(mine)
         if self.rank == 0:
-            ordered = sorted((pair for part in gather(mine) for pair in part), key=lambda pair: pair[0])
-            write_task(self.run / "buffer", s, self.tasks[s].name, [sig for _, sig in ordered], stored)
-        else:
-            gather(mine)
-        if self.world > 1:
-            dist.barrier()
+            ordered = sorted((pair for part in everyone for pair in part), key=lambda pair: pair[0])
+            write_task(self.run.buffer, s, self.tasks[s].name, [sig for _, sig in ordered], stored)
+        barrier()
         self.open_memory(s)
 
     def open_memory(self, s):
-        memory = TaskMemory(self.run / "buffer", s)
+        memory = TaskMemory(self.run.buffer, s)
         self.memories.append(memory)
         self.memory_tokens.append([n_labels(memory.labels(i)) for i in range(len(memory))])
         self.memory_rows.append([memory.rows(i).numel() for i in range(len(memory))])
 
     # ---- checkpoints, evaluation, resume ----------------------------------------------------------------------
-    def checkpoint_dir(self, s):
-        """θ after stage s−1 in HF format: task00 is θ_0, taskNN the model after the NN-th task (stage)."""
-        return self.run / "checkpoints" / f"task{s:02d}"
-
     def evaluate_checkpoint(self, path, tasks):
         """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
         model = load_hf(path, dtype=self.engine.compute_dtype, device=self.device)
         return [self.eval_fn(model, self.tasks[j]) for j in tasks]
 
-    def save_resume(self, position):
-        """A resume point: sharded weights + AdamW (+ EWC) and the run's state, then `resume/latest.json`."""
-        root, tag = self.run / "resume", "task{task:02d}-ep{epoch:03d}-mb{micro:07d}".format(**position)
-        state = {**position, "R": self.R, "base": self.base, "heads": self.heads,
-                 "metrics_bytes": self.log.stat().st_size if self.log.exists() else 0}
-        self.engine.save_sharded(root / tag, meta=state)
-        if self.ewc:
-            self.ewc.save(root / tag / f"ewc-rank{self.rank:05d}.safetensors")
-        if self.world > 1:
-            dist.barrier()
-        if self.rank == 0:
-            atomic_write(root / "latest.json", lambda tmp: tmp.write_text(json.dumps({"dir": tag})))
-            for old in root.iterdir():
-                if old.is_dir() and old.name != tag:
-                    shutil.rmtree(old)
-        if self.world > 1:
-            dist.barrier()
+    def save_resume(self, position: Position):
+        """A resume point: sharded weights + AdamW (+ EWC) and the run's state; then `resume/latest.json`."""
+        state = {"R": self.R, "base": self.base, "heads": self.selected,
+                 "metrics_bytes": self.run.metrics.stat().st_size if self.run.metrics.exists() else 0}
+        extra = (lambda path: self.ewc.save(path / f"ewc-rank{self.rank:05d}.safetensors")) if self.ewc else None
+        write_point(self.run.resume, position, self.engine, state, extra)
 
-    def restore(self):
-        """Load the latest resume point; returns its position (task, epoch, micro, step)."""
-        latest = self.run / "resume" / "latest.json"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{latest}: no resume point in this run directory (nothing to resume)")
-        path = self.run / "resume" / json.loads(latest.read_text())["dir"]
-        state = self.engine.load_sharded(path)
+    def restore(self) -> Position:
+        """Load the latest resume point; returns its position."""
+        path = latest_point(self.run.resume)
+        state = load_sharded(self.engine, path)
         if self.ewc:
             self.ewc.load(path / f"ewc-rank{self.rank:05d}.safetensors", self.device)
-        s = state["task"]
-        self.R, self.base, self.heads = state["R"], state["base"], [tuple(h) for h in state["heads"]]
-        scores = self.run / "head_scores.safetensors"
-        if scores.exists():   # may hold the unfinished task's scores too: keep the finished tasks'
-            loaded = H.HeadScores.load(scores)
-            for name, S, Fk in list(zip(loaded.tasks, loaded.task_sensitivity, loaded.task_forgettability))[:s]:
-                self.scores.add_task(name, S, Fk)
-        for j in range(s):
-            if (self.run / "buffer" / f"task{j:02d}.json").exists():
+        at = Position(state["task"], state["epoch"], state["micro"], state["step"])
+        self.R, self.base, self.selected = state["R"], state["base"], [tuple(h) for h in state["heads"]]
+        if self.run.head_scores.exists():   # may hold the unfinished task's scores too: keep the finished tasks'
+            loaded = heads.HeadScores.load(self.run.head_scores)
+            for name, S, F in list(zip(loaded.tasks, loaded.task_sensitivity, loaded.task_forgettability))[:at.task]:
+                self.scores.add_task(name, S, F)
+        for j in range(at.task):   # every finished task with a non-empty R_k has a buffer: a missing one is an error
+            if self.replay_size(j):
                 self.open_memory(j)
-        if self.rank == 0 and self.log.exists():  # drop what was logged after the resume point
-            with self.log.open("r+") as f:
+        if self.rank == 0 and self.run.metrics.exists():  # drop what was logged after the resume point
+            with self.run.metrics.open("r+") as f:
                 f.truncate(state["metrics_bytes"])
-        return state
+        return at
 
     def run_all(self, resume=False):
         """Algorithm 1 over every task (or from the run's latest resume point); writes and returns results.json."""
-        T = len(self.tasks)
+        n_tasks = len(self.tasks)
         at = self.restore() if resume else None
         if self.base is None:   # θ_0's zero-shot scores, for FWT
-            self.engine.export_hf(self.checkpoint_dir(0), dtype=self.engine.compute_dtype)
-            self.base = self.evaluate_checkpoint(self.checkpoint_dir(0), range(T))
-        for s in range(at["task"] if at else 0, len(self.stages)):
+            export_hf(self.engine, self.run.checkpoint(0), dtype=self.engine.compute_dtype)
+            self.base = self.evaluate_checkpoint(self.run.checkpoint(0), range(n_tasks))
+        for s in range(at.task if at else 0, len(self.stages)):
             start = time.time()
-            self.train_task(s, at if at and at["task"] == s else None)
-            path = self.checkpoint_dir(s + 1)
-            self.engine.export_hf(path, dtype=self.engine.compute_dtype)
-            seen = T if self.cfg.method == "mtl" else min(s + 2, T)
-            self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (T - seen))
+            self.train_task(s, at if at and at.task == s else None)
+            path = self.run.checkpoint(s + 1)
+            export_hf(self.engine, path, dtype=self.engine.compute_dtype)
+            seen = n_tasks if self.method.joint else min(s + 2, n_tasks)
+            self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (n_tasks - seen))
             if self.rank == 0:
-                with self.log.open("a") as f:
-                    f.write(json.dumps({"task": s, "name": "mtl" if self.cfg.method == "mtl" else self.tasks[s].name,
-                                        "scores": self.R[s][:seen], "heads": self.heads,
+                with self.run.metrics.open("a") as f:
+                    f.write(json.dumps({"task": s, "name": "mtl" if self.method.joint else self.tasks[s].name,
+                                        "scores": self.R[s][:seen], "heads": self.selected,
                                         "seconds": round(time.time() - start, 1)}) + "\n")
-            self.save_resume({"task": s + 1, "epoch": 0, "micro": 0, "step": 0})
-            self.snapshot_path(s).unlink(missing_ok=True)   # needed until this resume point exists
-        return self.summary()
-
-    def summary(self):
-        R, base = self.R, self.base
-        if self.cfg.method == "mtl":   # one row: the joint model on every task
-            op, bwt, bwt_t, fwt = sum(R[0]) / len(R[0]), None, None, None
-        else:
-            op, fwt = overall_performance(R), forward_transfer(R, base)
-            bwt, bwt_t = backward_transfer(R), backward_transfer(R, over_all_tasks=True)
-        summary = {"method": self.cfg.method, "tasks": [t.name for t in self.tasks], "R": R, "base": base,
-                   "OP": op, "BWT": bwt, "BWT_T": bwt_t, "FWT": fwt, "heads": self.heads,
-                   "run_dir": str(self.run.resolve())}
+            self.save_resume(Position(s + 1))
+            self.run.snapshot(s, self.rank).unlink(missing_ok=True)   # needed until this resume point exists
+        summary = summarize(self.R, self.base, [t.name for t in self.tasks], self.cfg.method, self.method.joint,
+                            self.selected, self.run.root)
         if self.rank == 0:
-            results = self.run / "results.json"
-            atomic_write(results, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+            atomic_write(self.run.results, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
         return summary
-

@@ -117,6 +117,11 @@ def _find_folder(root: Path, task: str) -> Path | None:
     return matches[0] if matches else None
 
 
+def parse_order(text: str):
+    """A command line's --order: a named order ("order1".."order4") or comma-separated task folder names."""
+    return text if text.startswith("order") and "," not in text else [t for t in text.split(",") if t]
+
+
 def load_sequence(spec, data_root=None, epochs=None) -> tuple[list[Task], list[int]]:
     """The tasks of a sequence, loaded and checked, with the epochs of each.
 

@@ -1,25 +1,11 @@
 """Evaluation by greedy KV-cache generation, split over the ranks of a torchrun job (or one process)."""
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from minseekr.data import extract_answer
 from minseekr.generate import generate
 from minseekr.metrics import score
-
-
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def gather(obj) -> list:
-    """Every rank's `obj`, in rank order."""
-    rank, world = rank_world()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+from minseekr.runtime import gather, rank_world
 
 
 @torch.no_grad()

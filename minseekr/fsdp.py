@@ -33,72 +33,28 @@ Because gradients are averaged over ranks, a rank's loss must be its share of th
 
 Supported: tied embeddings, frozen units, GQA, `probe` hooks, activation checkpointing, bf16 compute,
 sharded checkpoints (resume on the same world size; `reshard_checkpoint` rewrites one offline for another),
-HF safetensors export and streaming HF load.
+HF export of the full tensors and streaming HF load of each rank's rows (`engine.py`).
 Not supported: mixed requires_grad inside one unit, KV-cache decoding across units (use an exported
 model), torch.compile of the hooks.
 
 The engine interface (`model`, `rank`, `world`, `device`, `compute_dtype`, `step`, `zero_grad`,
-`clip_grad_norm_`, `optimizer_step(lr)`, `local_shards`, `save_sharded`, `load_sharded`, `export_hf`,
-`full_tensors`) is shared with `fsdp_torch.TorchFSDP` (PyTorch's FSDP2, the peer), so a trainer runs on either
-and the two check each other; sharded checkpoint files and the HF export are in `sharded_checkpoint.py`.
+`clip_grad_norm_`, `optimizer_step(lr)`, `local_shards`, `full_tensors`, `layout`, `state_tensors`,
+`load_state_tensors`) is shared with `fsdp_torch.TorchFSDP` (PyTorch's FSDP2, the peer), so a trainer runs on
+either and the two check each other (`engine.py` picks one). An engine knows no file format: `resume.py`
+stores its state tensors as per-rank files, `checkpoint.py` writes its full tensors as an HF directory.
 """
-import contextlib
-import json
 import math
-import os
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
-from minseekr.sharded_checkpoint import read_manifest, save_hf_sharded, save_rank
-from minseekr.model import ModelArgs, Transformer
+from minseekr.runtime import all_reduce, default_compute_dtype
 
 # torch 2.13 deprecates the *_into_tensor / *_tensor names for *_single (same signatures).
 all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def init_distributed():
-    """(rank, world, device) from torchrun's environment; a plain `python` run is a world of one."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)  # before the process group, or NCCL binds every rank to GPU 0
-        kwargs = dict(backend="nccl", device_id=device)
-    else:
-        device, kwargs = torch.device("cpu"), dict(backend="gloo")
-    if not dist.is_initialized():
-        if "RANK" in os.environ:
-            dist.init_process_group(**kwargs)
-        else:  # one code path for world 1: a process group of one over an in-memory store
-            dist.init_process_group(**kwargs, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def default_compute_dtype(device):
-    """bf16 on GPUs; fp32 on the CPU, where bf16 matmuls are slow."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def all_reduce(tensor, op=dist.ReduceOp.SUM):
-    """In-place all-reduce across ranks (e.g. head scores, token counts); returns the tensor."""
-    dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def broadcast(tensor, src=0):
-    """In-place broadcast from rank `src`; returns the tensor."""
-    dist.broadcast(tensor, src=src)
-    return tensor
 
 
 class Unit:
@@ -198,7 +154,7 @@ class Unit:
 class FSDP:
     """Shards `model` (a minseekr Transformer) over the default process group; `engine.model` runs it."""
 
-    def __init__(self, model: Transformer, device="cpu", compute_dtype=None, activation_checkpointing=False,
+    def __init__(self, model, device="cpu", compute_dtype=None, activation_checkpointing=False,
                  prefetch=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.model, self.rank, self.world = model, dist.get_rank(), dist.get_world_size()
         self.device = torch.device(device)
@@ -323,27 +279,21 @@ class FSDP:
                 "units": [{"names": u.names, "shapes": [list(s) for s in u.shapes], "padded": u.padded}
                           for u in self.units]}
 
-    def save_sharded(self, path, meta=None):
-        """Each rank writes rank{r}.safetensors (shards + AdamW state); rank 0 writes manifest.json."""
+    def state_tensors(self):
+        """This rank's live training state by name: every unit's fp32 shard and AdamW moments (`resume.py` stores it)."""
         tensors = {}
         for i, u in enumerate(self.units):
             tensors[f"unit{i}.shard"] = u.shard
             if u.requires_grad:
                 tensors[f"unit{i}.exp_avg"], tensors[f"unit{i}.exp_avg_sq"] = u.exp_avg, u.exp_avg_sq
-        save_rank(self, path, tensors, meta)
+        return tensors
 
     @torch.no_grad()
-    def load_sharded(self, path):
-        """Restore shards, AdamW state and step saved by save_sharded at this world size; return its meta."""
-        path, manifest = Path(path), read_manifest(path, self.layout())
-        with safe_open(str(path / f"rank{self.rank:05d}.safetensors"), "pt") as f:
-            for i, u in enumerate(self.units):
-                u.shard.copy_(f.get_tensor(f"unit{i}.shard"))
-                if u.requires_grad:
-                    u.exp_avg.copy_(f.get_tensor(f"unit{i}.exp_avg"))
-                    u.exp_avg_sq.copy_(f.get_tensor(f"unit{i}.exp_avg_sq"))
-        self.step = manifest["step"]
-        return manifest["meta"]
+    def load_state_tensors(self, get, step):
+        """Copy `get(name)` into every tensor `state_tensors` names, and resume AdamW's count at `step`."""
+        for name, t in self.state_tensors().items():
+            t.copy_(get(name))
+        self.step = step
 
     @torch.no_grad()
     def full_tensors(self):
@@ -354,46 +304,17 @@ class FSDP:
             for name, shape, t in zip(u.names, u.shapes, flat.split(u.numels + [u.pad])):
                 yield name, t.view(shape)
 
-    def export_hf(self, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30):
-        """Write an HF LLaMA directory (config.json, model*.safetensors, index if several); all ranks call it."""
-        save_hf_sharded(self, path, dtype, max_shard_bytes)
-
     @torch.no_grad()
-    def load_hf(self, path):
-        """Copy an HF checkpoint's values into this rank's shards, reading only the flat ranges it owns."""
-        path = Path(path)
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (path / "model.safetensors").exists():
-            weight_map = None
-        else:
-            raise FileNotFoundError(f"{path}: expected model.safetensors or model.safetensors.index.json")
-        with contextlib.ExitStack() as stack:
-            files = {}
-            for u in self.units:
-                for i, a, b, lo, hi in u.owned():
-                    name, shape = u.names[i], u.shapes[i]
-                    file = path / (weight_map.get(name, "?") if weight_map else "model.safetensors")
-                    if file not in files and file.exists():
-                        files[file] = stack.enter_context(safe_open(str(file), "pt"))
-                    if file not in files or name not in files[file].keys():
-                        raise KeyError(f"{path}: tensor {name!r} (shape {list(shape)}) is missing")
-                    tensor = files[file].get_slice(name)
-                    if list(tensor.get_shape()) != list(shape):
-                        raise ValueError(f"{file}: tensor {name!r} has shape {tensor.get_shape()}, "
-                                         f"expected {list(shape)}")
-                    row = math.prod(shape[1:])  # read whole rows covering [lo, hi), never the whole tensor
-                    r0, r1 = lo // row, -(-hi // row)
-                    u.shard[a:b] = tensor[r0:r1].reshape(-1)[lo - r0 * row:hi - r0 * row]
+    def load_hf(self, checkpoint):
+        """Copy an HF checkpoint's values (a `checkpoint.HFCheckpoint`, whose construction checked every name, shape
+        and dtype) into this rank's shards, reading only the rows that cover them."""
+        for u in self.units:
+            for i, a, b, lo, hi in u.owned():
+                name, shape = u.names[i], tuple(u.shapes[i])
+                if checkpoint.shapes.get(name) != shape:
+                    raise ValueError(f"{checkpoint.path}: tensor {name!r} is {checkpoint.shapes.get(name)} there, "
+                                     f"but {shape} in this engine's model")
+                row = math.prod(shape[1:])  # read whole rows covering [lo, hi), never the whole tensor
+                r0, r1 = lo // row, -(-hi // row)
+                u.shard[a:b] = checkpoint.rows(name, r0, r1).reshape(-1)[lo - r0 * row:hi - r0 * row]
 
-
-def load_hf_sharded(path, **fsdp_kwargs) -> FSDP:
-    """An FSDP engine over an HF LLaMA directory; the model is built on meta, no rank holds it whole."""
-    config = Path(path) / "config.json"
-    args = ModelArgs.from_hf_config(json.loads(config.read_text()), str(config))
-    with torch.device("meta"):
-        model = Transformer(args)
-    engine = FSDP(model, **fsdp_kwargs)
-    engine.load_hf(path)
-    return engine

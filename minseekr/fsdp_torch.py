@@ -5,16 +5,12 @@ tools/bench_fsdp.py), and a fallback. Two additions make probe-only losses (atte
 block's pre-backward hook on the probe tensors, and an unshard before a checkpointed block's recompute.
 """
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
-from minseekr.fsdp import default_compute_dtype
-from minseekr.model import Transformer
-from minseekr.sharded_checkpoint import read_manifest, save_hf_sharded, save_rank
+from minseekr.runtime import default_compute_dtype
 
 
 def apply_torch_fsdp(model, device, compute_dtype=torch.float32, activation_checkpointing=False):
@@ -47,7 +43,7 @@ def decay_groups(model, weight_decay):
 class TorchFSDP:
     """PyTorch's FSDP2 and torch.optim.AdamW behind FSDP's engine interface; `engine.model` runs it."""
 
-    def __init__(self, model: Transformer, device="cpu", compute_dtype=None, activation_checkpointing=False,
+    def __init__(self, model, device="cpu", compute_dtype=None, activation_checkpointing=False,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), torch.device(device)
         self.compute_dtype = compute_dtype or default_compute_dtype(self.device)
@@ -106,39 +102,31 @@ class TorchFSDP:
                 "params": {n: list(p.shape) for n, p in self.params.items()}}
 
     @torch.no_grad()
-    def save_sharded(self, path, meta=None):
-        """Each rank writes its local parameters and AdamW moments; rank 0 writes manifest.json."""
+    def state_tensors(self):
+        """This rank's live training state by name: local parameters and AdamW moments (`resume.py` stores it)."""
         tensors = {}
         for name, p in self.params.items():
             tensors[f"{name}.shard"] = p.to_local()
-            if p.requires_grad:
-                state = self.optimizer.state.get(p, {})
+            if p.requires_grad:  # AdamW's own layout: moments shaped as p, created zero where it has none yet
+                state = self.optimizer.state.setdefault(p, {})
                 for key in ("exp_avg", "exp_avg_sq"):
-                    tensors[f"{name}.{key}"] = state[key].to_local() if key in state else torch.zeros_like(p.to_local())
-        save_rank(self, path, tensors, meta)
+                    state.setdefault(key, torch.zeros_like(p))
+                    tensors[f"{name}.{key}"] = state[key].to_local()
+                state.setdefault("step", torch.tensor(float(self.step)))
+        return tensors
 
     @torch.no_grad()
-    def load_sharded(self, path):
-        """Restore parameters, AdamW state and step saved by save_sharded at this world size; return its meta."""
-        path, manifest = Path(path), read_manifest(path, self.layout())
-        self.step = manifest["step"]
-        with safe_open(str(path / f"rank{self.rank:05d}.safetensors"), "pt") as f:
-            for name, p in self.params.items():
-                p.to_local().copy_(f.get_tensor(f"{name}.shard"))
-                if p.requires_grad:  # AdamW's own state layout: a scalar fp32 step and moments shaped as p
-                    state = {"step": torch.tensor(float(self.step))}
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        state[key] = torch.zeros_like(p)
-                        state[key].to_local().copy_(f.get_tensor(f"{name}.{key}"))
-                    self.optimizer.state[p] = state
-        return manifest["meta"]
+    def load_state_tensors(self, get, step):
+        """Copy `get(name)` into every tensor `state_tensors` names, and resume AdamW's count at `step`."""
+        for name, t in self.state_tensors().items():
+            t.copy_(get(name))
+        for p in self.params.values():
+            if p.requires_grad:
+                self.optimizer.state[p]["step"] = torch.tensor(float(step))
+        self.step = step
 
     @torch.no_grad()
     def full_tensors(self):
         """Yield (HF name, full fp32 tensor) one parameter at a time; every rank must iterate (all-gathers)."""
         for name, p in self.params.items():
             yield name, p.full_tensor()
-
-    def export_hf(self, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30):
-        """Write an HF LLaMA directory (config.json, model*.safetensors, index if several); all ranks call it."""
-        save_hf_sharded(self, path, dtype, max_shard_bytes)

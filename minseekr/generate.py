@@ -1,6 +1,6 @@
 """Batched autoregressive generation: greedy (what TRACE evaluates) or temperature + nucleus sampling.
 
-Prompts of different lengths are left-padded into one (B, T) block so that every sequence's next
+Prompts of different lengths are left-padded into one (B, P) block so that every sequence's next
 token sits in the last column; the attention mask marks real tokens, and the model derives each
 token's position from it, so a padded prompt gets exactly the logits of the unpadded one. The
 prompt is run once to fill a `KVCache` (prefill); each later step feeds only the B new tokens and
@@ -42,21 +42,21 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
     if temperature < 0 or not 0 <= top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1, got temperature={temperature}, top_p={top_p}")
     weight = model.model.embed_tokens.weight
-    B, T = len(prompts), max(len(p) for p in prompts)
-    total = T + max_new_tokens
+    B, P = len(prompts), max(len(p) for p in prompts)      # P: the longest prompt
+    total = P + max_new_tokens
     tokens = torch.full((B, total), pad_id, dtype=torch.long, device=weight.device)
     mask = torch.zeros(B, total, dtype=torch.long, device=weight.device)
     for i, p in enumerate(prompts):
-        tokens[i, T - len(p):T] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):T] = 1
+        tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):P] = 1
     done = torch.zeros(B, dtype=torch.bool, device=weight.device)
     cache = KVCache(model.args, B, total, dtype=weight.dtype, device=weight.device) if use_cache else None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            end = T
-            logits = model(tokens[:, :T], mask[:, :T], cache=cache)[:, -1]
+            end = P
+            logits = model(tokens[:, :P], mask[:, :P], cache=cache)[:, -1]
             for _ in range(max_new_tokens):
                 new = next_token(logits, temperature, top_p, generator)
                 tokens[:, end] = torch.where(done, pad_id, new)
@@ -72,4 +72,4 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
                     logits = model(tokens[:, :end], mask[:, :end])[:, -1]
     finally:
         model.train(was_training)
-    return [row[T:end][m[T:end].bool()].tolist() for row, m in zip(tokens, mask)]
+    return [row[P:end][m[P:end].bool()].tolist() for row, m in zip(tokens, mask)]

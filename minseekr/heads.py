@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.checkpoint import atomic_write
+from minseekr.runtime import atomic_write
 from minseekr.kl import attention_rows, query_rows
 from minseekr.model import sequence_loss
 

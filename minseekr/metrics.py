@@ -270,9 +270,9 @@ def _entry(R, i: int, j: int, what: str) -> float:
 
 
 def overall_performance(R) -> float:
-    """Eq. 14: OP = (1/T) Σ_j R[T−1][j], the mean score over all tasks after the last one."""
-    T = len(R)
-    return sum(_entry(R, T - 1, j, "OP (the last row)") for j in range(T)) / T
+    """Eq. 14: OP = (1/T) Σ_j R[T−1][j], the mean score over all T tasks after the last one."""
+    n_tasks = len(R)
+    return sum(_entry(R, n_tasks - 1, j, "OP (the last row)") for j in range(n_tasks)) / n_tasks
 
 
 def backward_transfer(R, *, over_all_tasks: bool = False) -> float:
@@ -281,22 +281,22 @@ def backward_transfer(R, *, over_all_tasks: bool = False) -> float:
     over_all_tasks=True divides by T instead (the official show_results.py averages over all T tasks, the
     last term being 0). A single task gives 0.
     """
-    T = len(R)
-    drops = [_entry(R, T - 1, j, "BWT (the last row)") - _entry(R, j, j, "BWT (the diagonal)") for j in range(T - 1)]
+    last = len(R) - 1
+    drops = [_entry(R, last, j, "BWT (the last row)") - _entry(R, j, j, "BWT (the diagonal)") for j in range(last)]
     if not drops:
         return 0.0
-    return sum(drops) / (T if over_all_tasks else T - 1)
+    return sum(drops) / (len(R) if over_all_tasks else last)
 
 
 def forward_transfer(R, base: list[float]) -> float:
     """FWT = (1/(T−1)) Σ_{j≥1} (R[j−1][j] − b_j), the score on task j before training on it, minus the
     base model's zero-shot score b_j (Lopez-Paz & Ranzato 2017, with the base model as their random init)."""
-    T = len(R)
-    if len(base) != T:
-        raise ValueError(f"forward_transfer: base needs one zero-shot score per task ({T}), got {len(base)}")
-    if T < 2:
+    n_tasks = len(R)
+    if len(base) != n_tasks:
+        raise ValueError(f"forward_transfer: base needs one zero-shot score per task ({n_tasks}), got {len(base)}")
+    if n_tasks < 2:
         return 0.0
-    return sum(_entry(R, j - 1, j, "FWT (the first superdiagonal)") - base[j] for j in range(1, T)) / (T - 1)
+    return sum(_entry(R, j - 1, j, "FWT (the first superdiagonal)") - base[j] for j in range(1, n_tasks)) / (n_tasks - 1)
 
 
 def general_ability(scores: dict[str, float]) -> float:

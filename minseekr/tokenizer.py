@@ -21,6 +21,14 @@ import sentencepiece as spm
 IGNORE = -100  # label of positions that carry no loss (cross_entropy's ignore_index)
 
 
+def find_tokenizer(model_dir) -> Path:
+    """The tokenizer file a model directory holds: its SentencePiece `tokenizer.model`."""
+    path = Path(model_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} holds no tokenizer.model; pass --tokenizer FILE")
+    return path
+
+
 class Tokenizer:
     """SentencePiece model with LLaMA-2's conventions.
 

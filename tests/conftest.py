@@ -1,4 +1,5 @@
-"""Shared test fixtures: where ../shared lives, and a skip that says why when it does not."""
+"""Shared test fixtures: where ../shared lives (and a skip that says why when it does not), a tiny run's inputs."""
+import json
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,26 @@ def shared_path(*parts) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_run_inputs(root: Path, n_train: int, n_test: int):
+    """A tiny HF checkpoint holding its tokenizer (root/model) and two synthetic tasks in TRACE's folder layout
+    (root/data/{rev,rot}): what `train.py --model ... --data ... --order rev,rot` needs."""
+    from minseekr.checkpoint import save_hf
+    from minseekr.model import ModelArgs, Transformer
+    from minseekr.synthetic import make_records, train_tokenizer
+    from minseekr.tokenizer import Tokenizer
+    model_dir, data = root / "model", root / "data"
+    model_dir.mkdir(parents=True)
+    train_tokenizer(model_dir / "tokenizer.model")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  vocab_size=Tokenizer(model_dir / "tokenizer.model").vocab_size, hidden_dim=64,
+                                  max_seq_len=32))
+    model.init_weights()
+    save_hf(model, model_dir, dtype=torch.float32)
+    for name in ("rev", "rot"):
+        (data / name).mkdir(parents=True)
+        (data / name / "train.json").write_text(json.dumps(make_records(name, n_train, 0)))
+        (data / name / "test.json").write_text(json.dumps(make_records(name, n_test, 1)))
+    return model_dir, data

@@ -7,7 +7,7 @@ import torch
 from minseekr.baselines import EWC
 from minseekr.buffer import collate
 from minseekr.config import ContinualConfig
-from minseekr.continual import build_engine
+from minseekr.engine import build_engine
 from minseekr.model import ModelArgs, Transformer, sequence_loss
 
 
@@ -37,7 +37,7 @@ def flat_by_unit(engine, tensors):
 
 def test_fisher_is_the_mean_squared_per_sample_gradient_and_the_penalty_gradient_is_autograds():
     naive = tiny()
-    engine = build_engine(copy.deepcopy(naive), ContinualConfig())
+    engine = build_engine(copy.deepcopy(naive), betas=ContinualConfig().betas)
     data = samples(3, 0)
     ewc = EWC(weight=7.0)
     ewc.consolidate(engine, [collate([s], 0) for s in data])
@@ -68,7 +68,7 @@ def test_fisher_is_the_mean_squared_per_sample_gradient_and_the_penalty_gradient
 
 
 def test_a_second_task_adds_its_fisher_and_moves_the_anchor():
-    engine = build_engine(tiny(), ContinualConfig())
+    engine = build_engine(tiny(), betas=ContinualConfig().betas)
     ewc = EWC(weight=1.0)
     ewc.consolidate(engine, [collate([s], 0) for s in samples(2, 0)])
     first = [f.clone() for f in ewc.fisher]

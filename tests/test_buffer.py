@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from minseekr.buffer import TaskMemory, collate, logit_kl, pack_rows, teacher_signals, unpack_rows, write_task
+from minseekr.buffer import TaskMemory, collate, pack_rows, unpack_rows, write_task
+from minseekr.kl import logit_kl, teacher_signals
 from minseekr.model import ModelArgs, Transformer
 
 

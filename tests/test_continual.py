@@ -9,7 +9,8 @@ from conftest import shared_path
 from minseekr.buffer import TaskMemory
 from minseekr.checkpoint import load_hf
 from minseekr.config import ContinualConfig
-from minseekr.continual import ContinualTrainer, interleave
+from minseekr.batches import interleave
+from minseekr.continual import ContinualTrainer
 from minseekr.data import Task, load_sequence
 from minseekr.model import ModelArgs, Transformer
 from minseekr.synthetic import make_records, train_tokenizer
@@ -224,25 +225,25 @@ def test_budgets_larger_than_the_model_are_refused_before_training(toy, tmp_path
 
 
 def test_the_demo_draws_seekrs_head_importance_or_says_how_to(toy, tmp_path, monkeypatch, capsys):
-    import train as train_cli
+    from minseekr import demo
     tok, tasks = toy
-    ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seekr", epochs=[1]), tmp_path,
-                     eval_fn=lambda model, task: 0.0).run_all()
+    summary = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seekr", epochs=[1]), tmp_path,
+                               eval_fn=lambda model, task: 0.0).run_all()
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if matplotlib were not installed
-    train_cli.draw_importance(tmp_path)
+    demo.draw_importance(tmp_path, summary["heads"])
     assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "importance.png").exists()
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
-    train_cli.draw_importance(tmp_path)
+    demo.draw_importance(tmp_path, summary["heads"])
     assert (tmp_path / "importance.png").stat().st_size > 0
 
 
 def test_demo_flags_typed_at_the_library_default_still_override_the_demo_settings():
     import argparse
 
-    import train as train_cli
+    from minseekr.config import add_flags, from_flags, typed_flags
     parser = argparse.ArgumentParser()
-    train_cli.add_flags(parser, ContinualConfig)
-    argv = ["--lambda2", "1000", "--epochs=3"]                 # 1000 is ContinualConfig's default, DEMO's is 10
-    typed = train_cli.typed_flags(argv)
-    assert train_cli.typed_settings(parser.parse_args(argv), typed) == {"lambda2": 1000.0, "epochs": [3]}
+    add_flags(parser, ContinualConfig)
+    argv = ["--lambda2", "1000", "--epochs=3"]                 # 1000 is ContinualConfig's default, the demo's is not
+    typed = typed_flags(argv)
+    assert from_flags(ContinualConfig, parser.parse_args(argv), typed) == {"lambda2": 1000.0, "epochs": [3]}

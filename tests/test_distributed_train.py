@@ -3,41 +3,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from minseekr.checkpoint import load_hf, save_hf
-from minseekr.model import ModelArgs, Transformer
-from minseekr.synthetic import make_records, train_tokenizer
-from minseekr.tokenizer import Tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, tiny_run_inputs
+from minseekr.checkpoint import load_hf
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny HF checkpoint with a tokenizer, and two synthetic tasks in TRACE's folder layout."""
-    root = tmp_path_factory.mktemp("dist")
-    model_dir, data = root / "model", root / "data"
-    train_tokenizer(root / "tok.model")
-    tok = Tokenizer(str(root / "tok.model"))
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
-                                  hidden_dim=64, max_seq_len=32))
-    model.init_weights()
-    save_hf(model, model_dir, dtype=torch.float32)
-    for name in ("rev", "rot"):
-        (data / name).mkdir(parents=True)
-        (data / name / "train.json").write_text(json.dumps(make_records(name, 40, 0)))
-        (data / name / "test.json").write_text(json.dumps(make_records(name, 12, 1)))
-    return root, model_dir, data
+    return tiny_run_inputs(tmp_path_factory.mktemp("dist"), n_train=40, n_test=12)
 
 
 def train(launcher, setup, out, *extra):
-    root, model_dir, data = setup
-    flags = ["--model", str(model_dir), "--tokenizer", str(root / "tok.model"), "--data", str(data),
+    model_dir, data = setup
+    flags = ["--model", str(model_dir), "--data", str(data),
              "--order", "rev,rot", "--method", "seekr", "--out", str(out), "--epochs", "2", "--lr", "1e-3",
              "--batch-size", "6", "--grad-accum", "2", "--max-len", "32", "--replay-ratio", "0.25",
              "--layer-budget", "1", "--head-budget", "2", "--query-budget", "4", "--lambda2", "10",

@@ -1,5 +1,4 @@
 """The paper's equations by default, each official-code choice one option away, each checked independently."""
-import copy
 import json
 
 import pytest
@@ -7,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import shared_path
-from minseekr.buffer import TaskMemory, logit_mse
+from minseekr.buffer import TaskMemory
 from minseekr.config import ContinualConfig, preset, resolve
 from minseekr.continual import ContinualTrainer
 from minseekr.data import Task
-from minseekr.kl import AttentionKL, attention_rows, query_rows
+from minseekr.kl import AttentionKL, attention_rows, logit_mse, query_rows
 from minseekr.model import ModelArgs, Transformer
 from minseekr.synthetic import make_records, train_tokenizer
 from minseekr.tokenizer import Tokenizer
@@ -120,7 +119,7 @@ def test_both_attention_loss_normalisations_equal_their_naive_definitions():
     with torch.no_grad():
         other(ids, mask, probe=record)
     teacher = torch.cat([recorded[0], recorded[1]], 1)                 # heads in (layer, head) order
-    probe = AttentionKL({0: [1], 1: [0, 3]}, rows, {0: teacher[:, :1], 1: teacher[:, 1:]}, mask)
+    probe = AttentionKL(heads, rows, teacher, mask)
     with torch.no_grad():
         model(ids, mask, probe=probe)
         naive = naive_kl_terms(model, ids, mask, rows, heads, teacher)

@@ -17,9 +17,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from minseekr.checkpoint import load_hf
-from minseekr.fsdp import FSDP, all_gather, all_reduce, load_hf_sharded
+from minseekr.engine import export_hf, load_engine
+from minseekr.fsdp import FSDP, all_gather
 from minseekr.fsdp_torch import TorchFSDP, decay_groups
-from minseekr.sharded_checkpoint import reshard_checkpoint
+from minseekr.resume import load_sharded, reshard_checkpoint, save_sharded
+from minseekr.runtime import all_reduce
 from minseekr.heads import task_sensitivity
 from minseekr.kl import AttentionKL
 from minseekr.model import ModelArgs, Transformer, token_losses
@@ -110,8 +112,9 @@ def seekr_run(model, rank, world):
     batch = {k: local(v, rank, world) for k, v in seekr_batch().items()}
     reduce = all_reduce if world > 1 else lambda t: t
     sensitivity = reduce(task_sensitivity(model, [batch]) * len(batch["rows"])) / 5
-    probe = AttentionKL(KL_HEADS, batch["rows"], {layer: batch[f"teacher{layer}"] for layer in KL_HEADS},
-                        batch["attention_mask"])
+    pairs = [(layer, head) for layer, heads in KL_HEADS.items() for head in heads]
+    teacher = torch.cat([batch[f"teacher{layer}"] for layer in KL_HEADS], 1)             # (B, 4, T, S) in pair order
+    probe = AttentionKL(pairs, batch["rows"], teacher, batch["attention_mask"])
     model(batch["input_ids"], batch["attention_mask"], probe=probe)
     loss = probe.total() * world / 5  # this rank's share of the global mean, times world (grads are averaged)
     loss.backward()
@@ -171,11 +174,11 @@ def worker(rank, world, tmp, task):
         engine = FSDP(initial_model(), weight_decay=WD, eps=EPS)
         r["params_left_on_model"] = len(list(engine.model.parameters()))
         held_ranks["hand_local"] = [[list(p.shape), list(g.shape)] for p, g in engine.local_shards()]
-        save = lambda s: s == 1 and engine.save_sharded(tmp / "ckpt", meta={"next_step": 2})
+        save = lambda s: s == 1 and save_sharded(engine, tmp / "ckpt", meta={"next_step": 2})
         r["losses"], r["norms"] = engine_train(engine, rank, world, after_step=save)
         held_ranks["owned"], r["gathered_after_training"] = held(engine)
         save0(rank, gathered(engine, "shard"), tmp / "fsdp.safetensors")
-        engine.export_hf(tmp / "hf-export", dtype=torch.float32, max_shard_bytes=20_000 if world == 3 else 2**30)
+        export_hf(engine, tmp / "hf-export", dtype=torch.float32, max_shard_size=20_000 if world == 3 else 2**30)
 
         ac = FSDP(initial_model(), weight_decay=WD, eps=EPS, activation_checkpointing=True, prefetch=False)
         r["ac_losses"], _ = engine_train(ac, rank, world)
@@ -195,10 +198,10 @@ def worker(rank, world, tmp, task):
                       tmp / f"{name}{rank}.safetensors")
 
         engine = TorchFSDP(initial_model(), weight_decay=WD, eps=EPS)
-        save = lambda s: s == 1 and engine.save_sharded(tmp / "torch-ckpt", meta={"next_step": 2})
+        save = lambda s: s == 1 and save_sharded(engine, tmp / "torch-ckpt", meta={"next_step": 2})
         r["torch_losses"], r["torch_norms"] = engine_train(engine, rank, world, after_step=save)
         save0(rank, dict(engine.full_tensors()), tmp / "torch.safetensors")
-        engine.export_hf(tmp / "torch-export", dtype=torch.float32, max_shard_bytes=20_000 if world == 3 else 2**30)
+        export_hf(engine, tmp / "torch-export", dtype=torch.float32, max_shard_size=20_000 if world == 3 else 2**30)
         held_ranks["torch_local"] = [[list(p.shape), list(g.shape)] for p, g in engine.local_shards()]
 
         for name, cls in (("fsdp_ewc", FSDP), ("torch_ewc", TorchFSDP)):
@@ -213,14 +216,14 @@ def worker(rank, world, tmp, task):
             save0(rank, {**out, **{f"grad.{n}": g for n, g in full_grads(engine).items()}},
                   tmp / f"seekr_{name}.safetensors")
 
-        save0(rank, dict(load_hf_sharded(tmp / "hf-initial").full_tensors()), tmp / "loaded.safetensors")
+        save0(rank, dict(load_engine(tmp / "hf-initial", device="cpu").full_tensors()), tmp / "loaded.safetensors")
     else:  # resume: fresh processes, weights from elsewhere, then the step-2 checkpoint `task`
         if task == "torch-ckpt":
             torch.manual_seed(99)
             engine = TorchFSDP(Transformer(ARGS), weight_decay=WD, eps=EPS)
         else:
-            engine = load_hf_sharded(tmp / "hf-initial", weight_decay=WD, eps=EPS)
-        r["meta"] = engine.load_sharded(tmp / task)
+            engine = load_engine(tmp / "hf-initial", device="cpu", weight_decay=WD, eps=EPS)
+        r["meta"] = load_sharded(engine, tmp / task)
         r["losses"], _ = engine_train(engine, rank, world, steps=range(r["meta"]["next_step"], STEPS))
         save0(rank, dict(engine.full_tensors()), tmp / f"resumed-{task}.safetensors")
     if rank == 0:

@@ -191,7 +191,8 @@ def test_probe_in_the_model_gives_the_naive_loss_and_parameter_gradients():
         _, old_maps = teacher_model(tokens, mask.long(), return_attn=True)
     teacher = {l: select_rows(old_maps[l][:, h], ROWS) for l, h in heads.items()}
 
-    probe = AttentionKL(heads, ROWS, teacher, mask, chunk=1)
+    pairs = [(layer, head) for layer, hs in heads.items() for head in hs]
+    probe = AttentionKL(pairs, ROWS, torch.cat([teacher[0], teacher[1]], 1), mask, chunk=1)
     logits = model(tokens, mask.long(), probe=probe)
     assert sorted(probe.kl) == [0, 1] and probe.kl[0].shape == (B, 2, ROWS.shape[1])
     probe.total().backward()
@@ -234,5 +235,5 @@ def test_bad_inputs_are_refused_by_name():
         attention_kl(q_rows, torch.randn(B, 3, S, D, dtype=torch.float64), ROWS, teacher, key_mask())
     with pytest.raises(ValueError, match="teacher requires grad"):
         attention_kl(q_rows, k, ROWS, teacher.requires_grad_(), key_mask())
-    with pytest.raises(ValueError, match=r"teacher has no entry for layers \[1\]"):
-        AttentionKL({0: [0], 1: [2]}, ROWS, {0: teacher[:, :1]}, key_mask())
+    with pytest.raises(ValueError, match=r"teacher has shape \(2, 1, 5, 9\), expected \(B, 2, T, S\)"):
+        AttentionKL([(0, 0), (1, 2)], ROWS, teacher[:, :1], key_mask())

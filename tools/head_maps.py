@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from minseekr.checkpoint import load_hf
+from minseekr.figures import draw
 from minseekr.heads import HeadScores, forgettability, sample_query_rows, task_sensitivity
 from minseekr.tokenizer import Tokenizer
 
@@ -53,29 +54,6 @@ def score_task(scores, name, before, after, batches, query_budget, seed=0):
     scores.add_task(name, task_sensitivity(after, batches), forgettability(after, before, batches, rows=rows))
 
 
-def draw(scores, out_dir):
-    """importance.png (Fig. 5) and variation.png (Fig. 4) from the accumulated scores."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.25 * scores.n_heads), max(3.0, 1 + 0.2 * scores.n_layers)))
-    im = ax.imshow(scores.importance().numpy(), origin="lower", aspect="auto", cmap="viridis")
-    ax.set(xlabel="head", ylabel="layer", title=f"importance I = S·F ({len(scores.tasks)} tasks)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out_dir / "importance.png", dpi=150)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.hist(scores.forgettability.flatten().numpy(), bins=40)
-    ax.set(xlabel="cumulative attention variation F", ylabel="heads", title="variation of attention weights")
-    fig.tight_layout()
-    fig.savefig(out_dir / "variation.png", dpi=150)
-    plt.close(fig)
-
-
 def head_maps(models, task_batches_list, out_dir, *, names=None, query_budget=100, layer_budget=24,
               head_budget=128, seed=0):
     """Score the chain `models` (K+1 Transformers or a lazy sequence of them) on K tasks; draw, save, select."""
@@ -89,11 +67,12 @@ def head_maps(models, task_batches_list, out_dir, *, names=None, query_budget=10
         before = after
     if scores is None:
         raise ValueError("head_maps needs at least two models (M_0 and M_1)")
-    draw(scores, out_dir)
-    scores.save(Path(out_dir) / "head_scores.safetensors")
     layer_budget = min(layer_budget, scores.n_layers)
     head_budget = min(head_budget, layer_budget * scores.n_heads)
-    return scores, scores.select(layer_budget, head_budget)
+    selected = scores.select(layer_budget, head_budget)
+    draw(scores, out_dir, selected)
+    scores.save(Path(out_dir) / "head_scores.safetensors")
+    return scores, selected
 
 
 def main():

@@ -1,38 +1,89 @@
-"""Sharded checkpoints of an engine (FSDP or TorchFSDP): per-rank files, the manifest, HF export, re-sharding.
+"""The resume format: an engine's state (FSDP or TorchFSDP) as per-rank files, the run's resume points, re-sharding.
 
-A checkpoint directory holds `rank{r:05d}.safetensors` (that rank's parameter shards and AdamW moments) and
-`manifest.json` (engine, world size, layout, step, AdamW settings, model args and the trainer's meta), each written
-atomically; nothing is pickled. It loads at the world size that wrote it; `reshard_checkpoint` rewrites an FSDP
-one for another world size offline.
+A sharded checkpoint is a directory holding `rank{r:05d}.safetensors` (that rank's parameter shards and AdamW
+moments) and `manifest.json` (engine, world size, layout, step, AdamW settings, model args and the trainer's
+meta), each written atomically; nothing is pickled. It loads at the world size that wrote it;
+`reshard_checkpoint` rewrites an FSDP one for another world size offline. A run's resume points are such
+directories under `resume/`, named by their `Position`, with `resume/latest.json` naming the newest; older
+ones are deleted once a newer one is complete. (HF directories, the exchange format, are `checkpoint.py`'s.)
 """
 import contextlib
 import json
 import math
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.checkpoint import atomic_write
+from minseekr.runtime import atomic_write, barrier
+
+LATEST = "latest.json"
 
 
-def save_rank(engine, path, tensors, meta):
-    """rank{r}.safetensors (this rank's tensors) from every rank, manifest.json from rank 0, each atomically."""
+@dataclass
+class Position:
+    """Where a run stands: task (stage) s, its epoch, the next micro-batch of that epoch's plan, micro-steps done."""
+    task: int
+    epoch: int = 0
+    micro: int = 0
+    step: int = 0
+
+    @property
+    def tag(self) -> str:
+        return f"task{self.task:02d}-ep{self.epoch:03d}-mb{self.micro:07d}"
+
+
+def write_point(root, position: Position, engine, state: dict, extra=None) -> Path:
+    """A resume point of `engine` with the trainer's `state`; `extra(dir)` adds per-rank files (EWC). Then
+    latest.json names it and older points are deleted (rank 0), every rank waiting at each end."""
+    root = Path(root)
+    path = root / position.tag
+    save_sharded(engine, path, meta={**asdict(position), **state})
+    if extra is not None:
+        extra(path)
+    barrier()
+    if engine.rank == 0:
+        atomic_write(root / LATEST, lambda tmp: tmp.write_text(json.dumps({"dir": position.tag})))
+        for old in root.iterdir():
+            if old.is_dir() and old.name != position.tag:
+                shutil.rmtree(old)
+    barrier()
+    return path
+
+
+def latest_point(root) -> Path:
+    """The directory of the newest resume point under `root`."""
+    latest = Path(root) / LATEST
+    if not latest.is_file():
+        raise FileNotFoundError(f"{latest}: no resume point in this run directory (nothing to resume)")
+    return Path(root) / json.loads(latest.read_text())["dir"]
+
+
+def save_sharded(engine, path, meta=None):
+    """rank{r}.safetensors (this rank's `state_tensors`) from every rank, manifest.json from rank 0, atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in engine.state_tensors().items()}
     atomic_write(path / f"rank{engine.rank:05d}.safetensors", partial(save_file, tensors))
     if engine.rank == 0:
         manifest = {**engine.layout(), "step": engine.step, "betas": list(engine.betas), "eps": engine.eps,
                     "weight_decay": engine.weight_decay, "model": asdict(engine.model.args), "meta": meta}
         atomic_write(path / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-    dist.barrier()
+    barrier()
+
+
+@torch.no_grad()
+def load_sharded(engine, path) -> dict:
+    """Restore what `save_sharded` wrote at this world size into `engine`; returns the trainer's meta."""
+    path, manifest = Path(path), read_manifest(path, engine.layout())
+    with safe_open(str(path / f"rank{engine.rank:05d}.safetensors"), "pt") as f:
+        engine.load_state_tensors(f.get_tensor, manifest["step"])
+    return manifest["meta"]
 
 
 def read_manifest(path, layout):
@@ -49,42 +100,9 @@ def read_manifest(path, layout):
     return manifest
 
 
-def save_hf_sharded(engine, path, dtype=torch.bfloat16, max_shard_bytes=5 * 2**30):
-    """engine.full_tensors() as an HF LLaMA directory (config.json, model*.safetensors, index if several)."""
-    path, parts, current, total = Path(path), [], {}, 0
-    if engine.rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-
-    def flush():
-        parts.append(list(current))
-        save_file(current, str(path / f"part{len(parts)}.tmp"))
-        current.clear()
-
-    for name, t in engine.full_tensors():  # every rank iterates (collectives); rank 0 holds one file's worth
-        if engine.rank == 0:
-            current[name] = t.to("cpu", dtype, copy=True)
-            total += current[name].nbytes
-            if sum(v.nbytes for v in current.values()) >= max_shard_bytes:
-                flush()
-    if engine.rank == 0:  # final names once the number of files is known
-        if current:
-            flush()
-        n = len(parts)
-        files = [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)] if n > 1 else ["model.safetensors"]
-        for k, file in enumerate(files, 1):
-            os.replace(path / f"part{k}.tmp", path / file)
-        if n > 1:
-            weight_map = {t: f for f, ts in zip(files, parts) for t in ts}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            atomic_write(path / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
-        config = json.dumps(engine.model.args.to_hf_config(dtype), indent=1)
-        atomic_write(path / "config.json", lambda tmp: tmp.write_text(config))
-    dist.barrier()
-
-
 @torch.no_grad()
 def reshard_checkpoint(src, dst, world):
-    """Rewrite an FSDP sharded checkpoint (save_sharded) for `world` ranks into the new directory dst, offline.
+    """Rewrite an FSDP sharded checkpoint (`save_sharded`) for `world` ranks into the new directory dst, offline.
 
     Per unit and tensor (shard, exp_avg, exp_avg_sq) the old shards are concatenated, their padding dropped,
     the result re-padded to a multiple of `world` and split again; each new rank file is built from slices of

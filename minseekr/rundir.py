@@ -1,0 +1,48 @@
+"""The run directory: where a run keeps each thing, and the summary of its results; the one place that knows both.
+
+    config.json                the resolved ContinualConfig          run.json    the entry point's own settings
+    checkpoints/taskNN/        θ after NN tasks, HF format (task00 = θ_0)
+    buffer/taskNN.{safetensors,json}   the memory buffer (buffer.py)
+    snapshots/taskNN-rankRRRRR.safetensors   θ_{k−1}'s attention on R_k until task k is done (forgettability)
+    head_scores.safetensors    per-task S^k and F^k (heads.HeadScores)
+    metrics.jsonl              one line per optimiser step, one per finished task
+    resume/latest.json, resume/<tag>/   the latest resume point (resume.py's format)
+    results.json               R, base scores, OP, BWT, BWT_T, FWT, the selected heads
+"""
+from pathlib import Path
+
+from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
+
+
+class RunDir:
+    """The paths of one run directory."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.spec = self.root / "run.json"
+        self.buffer = self.root / "buffer"
+        self.head_scores = self.root / "head_scores.safetensors"
+        self.metrics = self.root / "metrics.jsonl"
+        self.resume = self.root / "resume"
+        self.results = self.root / "results.json"
+
+    def checkpoint(self, n_tasks: int) -> Path:
+        """θ after `n_tasks` tasks (stages) in HF format: task00 is θ_0."""
+        return self.root / "checkpoints" / f"task{n_tasks:02d}"
+
+    def snapshot(self, task: int, rank: int) -> Path:
+        """θ_{k−1}'s attention at R_k's rows for task k, this rank's share."""
+        return self.root / "snapshots" / f"task{task:02d}-rank{rank:05d}.safetensors"
+
+
+def summarize(R, base, tasks: list[str], method: str, joint: bool, heads, run_dir) -> dict:
+    """results.json: R (a single row for joint training), base scores, OP (Eq. 14), BWT (Eq. 15, ÷ (T−1)),
+    BWT_T (÷ T, the official show_results.py behind the paper's tables), FWT, the selected heads, the directory."""
+    if joint:
+        op, bwt, bwt_t, fwt = sum(R[0]) / len(R[0]), None, None, None
+    else:
+        op, fwt = overall_performance(R), forward_transfer(R, base)
+        bwt, bwt_t = backward_transfer(R), backward_transfer(R, over_all_tasks=True)
+    return {"method": method, "tasks": tasks, "R": R, "base": base, "OP": op, "BWT": bwt, "BWT_T": bwt_t,
+            "FWT": fwt, "heads": heads, "run_dir": str(Path(run_dir).resolve())}

@@ -1,0 +1,88 @@
+"""train.py and eval.py as a user meets them: help, flag validation, settings precedence, resume's rules."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, tiny_run_inputs
+from minseekr.engine import build_engine
+from minseekr.model import ModelArgs, Transformer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_run_inputs(tmp_path_factory.mktemp("cli"), n_train=16, n_test=4)
+
+
+def flags(setup, out, *extra):
+    model_dir, data = setup
+    return ["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--out", str(out), "--lr", "1e-3",
+            "--batch-size", "8", "--max-len", "32", "--replay-ratio", "0.25", "--layer-budget", "1", "--head-budget",
+            "2", "--query-budget", "4", "--max-new-tokens", "8", "--threads", "1", *extra]
+
+
+def cli(*argv, script="train.py"):
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+def test_help_gives_every_flag_a_description_and_its_choices():
+    done = cli("--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "--fsdp {minseekr,torch} training engine" in text
+    assert "--method {seqft,replay,derpp,seekr,lwf,ewc,mtl} continual-learning method" in text
+    assert "--importance {paper,official}" in text and "--ad-norm {mean,official}" in text
+    assert "--epochs A,B,... epochs per task (one value repeats); default: the order's" in text
+    assert "--lambda2 LAMBDA2 λ2 of Eq. 13: the attention-distillation weight (default: 1000.0)" in text
+
+
+def test_a_misspelt_engine_is_refused_by_the_flag_and_by_the_library():
+    done = cli("--fsdp", "torhc")
+    assert done.returncode == 2 and "argument --fsdp: invalid choice: 'torhc'" in done.stderr
+    with pytest.raises(ValueError, match="--fsdp must be one of minseekr|torch, got 'torhc'"):
+        build_engine(Transformer(ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=11, hidden_dim=8)), "torhc")
+
+
+@pytest.mark.parametrize("fsdp", ["minseekr", "torch"])
+def test_train_loads_through_the_checked_loader_on_both_engines(setup, tmp_path, fsdp):
+    """An extra tensor and an int8 weight are refused by name through train.py, as by load_hf."""
+    import train as train_cli
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in setup[0].iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(model_dir / "model.safetensors")
+    save_file({**tensors, "model.layers.9.mlp.up_proj.weight": torch.zeros(2)}, model_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.9.mlp.up_proj.weight'"):
+        train_cli.main(flags((model_dir, setup[1]), tmp_path / "run", "--fsdp", fsdp))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="tensor 'model.norm.weight' has dtype I8"):
+        train_cli.main(flags((model_dir, setup[1]), tmp_path / "run", "--fsdp", fsdp))
+
+
+def test_resume_refuses_flags_that_would_change_the_run_and_accepts_threads(setup, tmp_path, capsys):
+    import train as train_cli
+    run = tmp_path / "run"
+    train_cli.main(flags(setup, run, "--method", "replay"))
+    with pytest.raises(SystemExit):
+        train_cli.main(["--resume", str(run), "--lr", "1e-2", "--method", "seekr"])
+    assert "--resume continues" in capsys.readouterr().err
+    before = json.loads((run / "results.json").read_text())
+    (run / "results.json").unlink()
+    train_cli.main(["--resume", str(run), "--threads", "1"])           # nothing left to train: results again
+    assert json.loads((run / "results.json").read_text()) == before
+
+
+def test_settings_resolve_defaults_then_order_then_preset_then_typed(setup, tmp_path):
+    import train as train_cli
+    run = tmp_path / "run"
+    train_cli.main(flags(setup, run, "--method", "seqft", "--preset", "paper", "--epochs", "1"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["grad_accum"] == 8 and config["importance"] == "paper"       # the preset
+    assert config["batch_size"] == 8 and config["lr"] == 1e-3 and config["epochs"] == [1]   # typed
+    assert config["ad_norm"] == "mean"                                          # the library default
