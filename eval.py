@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minseekr.checkpoint import load_hf
-from minseekr.config import METHODS, add_flags, from_flags, option
+from minseekr.config import METHODS, ContinualConfig, RunConfig, add_flags, from_flags, option, read_settings
 from minseekr.data import load_sequence, load_task, parse_order
 from minseekr.evaluation import evaluate
 from minseekr.metrics import delta_general_ability, format_matrix, format_summary, general_ability
 from minseekr.rundir import RunDir, summarize
-from minseekr.runtime import atomic_write
+from minseekr.runtime import atomic_write, exit_on_input_errors
 from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
@@ -42,20 +42,20 @@ class EvalConfig:
 def evaluate_run(run: RunDir, ns: EvalConfig):
     if not run.spec.is_file():
         sys.exit(f"eval.py: {run.spec} not found: RUN_DIR must be a directory written by train.py --model ...")
-    spec, cfg = json.loads(run.spec.read_text()), json.loads(run.config.read_text())
-    tasks, _ = load_sequence(parse_order(spec["order"]), spec["data"])
+    spec, cfg = read_settings(run.spec, RunConfig), read_settings(run.config, ContinualConfig)
+    tasks, _ = load_sequence(parse_order(spec.order), spec.data)
     for t in tasks:                     # the run's own test records (train.py --test-samples)
-        t.test = t.test[:spec.get("test_samples") or None]
-    tok = Tokenizer(spec["tokenizer"] or find_tokenizer(spec["model"]))
-    samples = ns.samples or cfg["eval_samples"]
-    prompt_len = ns.max_prompt_len or cfg["max_prompt_len"]
-    new_tokens = ns.max_new_tokens or cfg["max_new_tokens"]
+        t.test = t.test[:spec.test_samples or None]
+    tok = Tokenizer(spec.tokenizer or find_tokenizer(spec.model))
+    samples = ns.samples or cfg.eval_samples
+    prompt_len = ns.max_prompt_len or cfg.max_prompt_len
+    new_tokens = ns.max_new_tokens or cfg.max_new_tokens
     score = lambda model, task: evaluate(model, tok, task, samples, prompt_len, new_tokens, progress=True)
     # θ_0 as the trainer exported and scored it (task00), else the run's --model.
     base_dir = run.checkpoint(0)
-    base_model = load_hf(base_dir if (base_dir / "config.json").is_file() else spec["model"])
+    base_model = load_hf(base_dir if (base_dir / "config.json").is_file() else spec.model)
     base = [score(base_model, t) for t in tasks]
-    n_tasks, joint = len(tasks), METHODS[cfg["method"]].joint
+    n_tasks, joint = len(tasks), METHODS[cfg.method].joint
     stages = 1 if joint else n_tasks       # MTL trains once on every task: one row
     R = [[None] * n_tasks for _ in range(stages)]
     for i in range(stages):
@@ -67,7 +67,7 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
             R[i][j] = score(model, tasks[j])
             print(f"after stage {i + 1} on {tasks[j].name}: {R[i][j]:.2f}", flush=True)
     heads = json.loads(run.results.read_text()).get("heads") if run.results.is_file() else None
-    out = summarize(R, base, [t.name for t in tasks], cfg["method"], joint, heads, run.root)
+    out = summarize(R, base, [t.name for t in tasks], cfg.method, joint, heads, run.root)
     print(format_matrix(R, out["tasks"], row_names=["all tasks (mtl)"] if joint else None))
     print(format_summary(out))
     if ns.general:
@@ -94,7 +94,12 @@ def evaluate_model(ns: EvalConfig):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with exit_on_input_errors("eval.py"):
+        evaluate_cli(argv)
+
+
+def evaluate_cli(argv):
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", help="a run directory written by train.py")
     add_flags(parser, EvalConfig)
     ns = parser.parse_args(argv)

@@ -15,9 +15,10 @@ averaged over ranks, so every rank runs the same Fisher samples (a pass over `ew
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minseekr.runtime import all_reduce, atomic_write
+from minseekr.runtime import InputError, all_reduce, atomic_write
 from minseekr.model import sequence_loss
 
 
@@ -66,7 +67,10 @@ class EWC:
         if not Path(path).exists():
             self.fisher = self.anchor = None
             return
-        tensors = load_file(str(path), device=str(device))
+        try:
+            tensors = load_file(str(path), device=str(device))
+        except SafetensorError as e:
+            raise InputError(f"{path}: EWC's Fisher and anchor cannot be read ({e})") from None
         n = sum(key.startswith("fisher.") for key in tensors)
         self.fisher = [tensors[f"fisher.{i}"] for i in range(n)]
         self.anchor = [tensors[f"anchor.{i}"] for i in range(n)]

@@ -7,7 +7,8 @@ For task k the trainer writes two files into the run's `buffer/` folder:
         {i}.logits (a, V)                                        the teacher's logits predicting its a labels, or
         {i}.topk_logp (a, k)  {i}.topk_ids (a, k)                their k largest log-probabilities and token ids
         {i}.attn (|H|, Σ_t (rows[t]+1))                          the stored heads' attention rows, causal prefixes only
-    task{k:02d}.json          {"name", "heads": [[layer, head], ...], "lengths", "bytes", ...}: the manifest
+    task{k:02d}.json          {"name", "heads": [[layer, head], ...], "n_samples", "lengths", "rows", "bytes",
+                              "sha256"}: the manifest; the safetensors file keeps its own copy in its metadata
 
 Logits are taken at the positions that *predict* the labels (position p-1 for a label at p), so the
 first answer token's distribution is distilled and the one after EOS is not (the official code is one
@@ -29,14 +30,15 @@ V > 32767), plus 2·|H|·Σ_t (rows[t]+1) ≈ |H|·B_T·(n+1) (attention: rows d
 (n+1)/2 keys), with |H| = B_H for `teacher_heads="selected"` and n_layers·n_heads for `"all"`
 (8x more at LLaMA-2-7B's 1024 heads and B_H=128).
 """
+import hashlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minseekr.runtime import atomic_write
+from minseekr.runtime import InputError, atomic_write
 
 
 def prefix_index(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,32 +79,77 @@ def _stored(i: int, s: dict) -> dict:
     return s
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[int, int]]) -> None:
     """Store task k's replay samples (dicts of the tensors `teacher_signals` returns) and the heads they cover."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {f"{i}.{key}": t.contiguous() for i, s in enumerate(samples) for key, t in _stored(i, s).items()}
-    atomic_write(root / f"task{k:02d}.safetensors", lambda p: save_file(tensors, str(p)))
-    manifest = {"name": name, "heads": [list(h) for h in heads], "n_samples": len(samples),
+    contents = {"name": name, "heads": [list(h) for h in heads], "n_samples": len(samples),
                 "lengths": [int(s["input_ids"].numel()) for s in samples],
+                "rows": [int(s["rows"].numel()) for s in samples] if samples and "rows" in samples[0] else [],
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    # The file carries its own description, so a manifest edited after the fact does not match it.
+    data = root / f"task{k:02d}.safetensors"
+    atomic_write(data, lambda p: save_file(tensors, str(p), metadata={"manifest": json.dumps(contents)}),
+                 needed=contents["bytes"])
+    manifest = {**contents, "sha256": _sha256(data)}
     atomic_write(root / f"task{k:02d}.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
 class TaskMemory:
-    """Read-only, memory-mapped view of one task's stored samples, attention rows dense again."""
+    """Read-only, memory-mapped view of one task's stored samples, attention rows dense again.
 
-    def __init__(self, root, k: int):
+    Opening checks the task against its manifest and, given the model's `args`, against the model: the file's
+    checksum, its own copy of the manifest (heads, sample count, lengths), each sample's presence, and heads and
+    vocabulary that fit the model. Any mismatch is an InputError naming the file.
+    """
+
+    def __init__(self, root, k: int, args=None):
         root = Path(root)
         manifest_path = root / f"task{k:02d}.json"
+        self.path = root / f"task{k:02d}.safetensors"
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: no buffer manifest for task {k}")
-        self.manifest = json.loads(manifest_path.read_text())
+            raise FileNotFoundError(f"{manifest_path}: no buffer manifest for task {k} (a finished task's replay "
+                                    f"memory is gone: restore the run directory's buffer/)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+            described = {key: self.manifest[key] for key in ("name", "heads", "n_samples", "lengths", "rows", "bytes")}
+            checksum = self.manifest["sha256"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{manifest_path} is not a buffer manifest ({e!r})") from None
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: task {k}'s replay samples are missing (its manifest is there)")
+        if _sha256(self.path) != checksum:
+            raise InputError(f"{self.path} does not match the checksum in {manifest_path.name}: the file is damaged")
+        try:
+            self._file = safe_open(str(self.path), "pt")
+            own = json.loads((self._file.metadata() or {})["manifest"])
+        except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+            raise InputError(f"{self.path} is not a buffer file written by write_task ({e!r})") from None
+        if own != described:
+            changed = sorted(key for key in described if own.get(key) != described[key])
+            raise InputError(f"{manifest_path}: {', '.join(changed)} differ from what {self.path.name} was written with")
         self.name = self.manifest["name"]
         self.heads = [tuple(h) for h in self.manifest["heads"]]
-        self.path = root / f"task{k:02d}.safetensors"
-        self._file = safe_open(str(self.path), "pt")
-        self._keys = sorted({name.split(".", 1)[1] for name in self._file.keys()})
+        names = set(self._file.keys())
+        if missing := [i for i in range(len(self)) if f"{i}.input_ids" not in names]:
+            raise InputError(f"{self.path}: samples {missing[:5]} of {len(self)} are missing")
+        self._keys = sorted({name.split(".", 1)[1] for name in names})
+        if args is not None:
+            if bad := [h for h in self.heads if not (0 <= h[0] < args.n_layers and 0 <= h[1] < args.n_heads)]:
+                raise InputError(f"{manifest_path}: heads {bad} are not heads of the model "
+                                 f"({args.n_layers} layers × {args.n_heads} heads)")
+            if "logits" in self._keys and len(self) and self._file.get_slice("0.logits").get_shape()[-1] != args.vocab_size:
+                raise InputError(f"{self.path}: teacher logits over {self._file.get_slice('0.logits').get_shape()[-1]} "
+                                 f"tokens, but the model has {args.vocab_size}")
 
     def __len__(self):
         return self.manifest["n_samples"]
@@ -127,7 +174,7 @@ class TaskMemory:
         if "attn" in s:
             expected = (len(self.heads), int((s["rows"] + 1).sum()))
             if tuple(s["attn"].shape) != expected:
-                raise ValueError(f"{self.path}: {i}.attn is {tuple(s['attn'].shape)}, "
+                raise InputError(f"{self.path}: {i}.attn is {tuple(s['attn'].shape)}, "
                                  f"expected (|H|, Σ(rows+1)) = {expected}")
             s["attn"] = unpack_rows(s["attn"], s["rows"], s["input_ids"].numel())
         if "topk_ids" in s:

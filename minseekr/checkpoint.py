@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from minseekr.model import ModelArgs, Transformer
-from minseekr.runtime import atomic_write
+from minseekr.runtime import InputError, atomic_write, disk_space, umask
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -52,7 +52,7 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2*
 
 def _check_dtype(dtype):
     if dtype is not None and dtype not in _DTYPES.values():
-        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+        raise InputError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
 
 
 def read_args(path) -> ModelArgs:
@@ -66,10 +66,13 @@ def read_args(path) -> ModelArgs:
     try:
         cfg = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON ({e})") from None
+        raise InputError(f"{config} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{config} must hold a JSON object, got {type(cfg).__name__}")
-    return ModelArgs.from_hf_config(cfg, source=str(config))
+        raise InputError(f"{config} must hold a JSON object, got {type(cfg).__name__}")
+    try:
+        return ModelArgs.from_hf_config(cfg, source=str(config))
+    except (ValueError, TypeError) as e:   # the model's own checks of the file's values
+        raise InputError(f"{config}: {e}" if str(config) not in str(e) else str(e)) from None
 
 
 class _SkipInit(TorchFunctionMode):
@@ -98,14 +101,25 @@ def _open(file: Path, backend: str = "mmap"):
     try:
         return safe_open(file, framework="pt", backend=backend)
     except SafetensorError as e:
-        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt: {e})") from None
+        raise InputError(f"{file} is not a readable safetensors file (truncated or corrupt: {e})") from None
 
 
 def _get(f, file: Path, name: str) -> torch.Tensor:
     try:
         return f.get_tensor(name)
     except SafetensorError as e:
-        raise ValueError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt: {e})") from None
+        raise InputError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt: {e})") from None
+
+
+def _finite(t: torch.Tensor, file: Path, name: str) -> torch.Tensor:
+    """t, or an InputError naming it: a single NaN weight would train to an all-NaN model. Checked in blocks, so the
+    check's temporaries stay small beside a tensor mapped from the file."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), 1 << 20):
+        if not torch.isfinite(flat[start:start + (1 << 20)]).all():
+            bad = sum(int((~torch.isfinite(block)).sum()) for block in flat.split(1 << 20))
+            raise InputError(f"{file}: tensor {name!r} holds {bad} NaN or infinite values")
+    return t
 
 
 class HFCheckpoint:
@@ -122,13 +136,13 @@ class HFCheckpoint:
         self.shapes = {name: tuple(p.shape) for name, p in meta_model(self.args).named_parameters()}
         self.files = self._weight_files()
         if missing := [name for name in self.shapes if name not in self.files]:
-            raise ValueError(f"{self.path}: checkpoint lacks tensor {missing[0]!r} that config.json implies "
+            raise InputError(f"{self.path}: checkpoint lacks tensor {missing[0]!r} that config.json implies "
                              f"({len(missing)} missing)")
         # A tied checkpoint may still carry its lm_head copy; the tie wins, as in transformers.
         ignored = {"lm_head.weight"} if self.args.tie_embeddings else set()
         if unexpected := sorted(set(self.files) - set(self.shapes) - ignored):
             name = unexpected[0]
-            raise ValueError(f"{self.files[name]}: unexpected tensor {name!r}, not a parameter of the model "
+            raise InputError(f"{self.files[name]}: unexpected tensor {name!r}, not a parameter of the model "
                              f"config.json describes")
         self.dtypes = {}
         for file in dict.fromkeys(self.files[name] for name in self.shapes):
@@ -136,14 +150,14 @@ class HFCheckpoint:
                 present = set(f.keys())
                 for name in (n for n in self.shapes if self.files[n] == file):
                     if name not in present:
-                        raise ValueError(f"{file}: tensor {name!r} is missing although the index places it here")
+                        raise InputError(f"{file}: tensor {name!r} is missing although the index places it here")
                     meta = f.get_slice(name)
                     code, shape = meta.get_dtype(), tuple(meta.get_shape())
                     if code not in _DTYPES:
-                        raise ValueError(f"{file}: tensor {name!r} has dtype {code}; only F32, F16 and BF16 "
+                        raise InputError(f"{file}: tensor {name!r} has dtype {code}; only F32, F16 and BF16 "
                                          f"are supported")
                     if shape != self.shapes[name]:
-                        raise ValueError(f"{file}: tensor {name!r} has shape {shape}, expected "
+                        raise InputError(f"{file}: tensor {name!r} has shape {shape}, expected "
                                          f"{self.shapes[name]} from config.json")
                     self.dtypes[name] = _DTYPES[code]
 
@@ -159,7 +173,7 @@ class HFCheckpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = {name: self.path / shard for name, shard in weight_map.items()}
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
+            raise InputError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
         for name, file in files.items():
             if not file.is_file():
                 raise FileNotFoundError(f"shard {file.name} (holding {name!r}) is named in {index} but does not exist")
@@ -174,7 +188,7 @@ class HFCheckpoint:
             # Otherwise a tensor of its own per read, so the file is never resident beside the converted copy.
             with _open(file, "mmap" if zero_copy else "pread") as f:
                 for name in names:
-                    t = _get(f, file, name)
+                    t = _finite(_get(f, file, name), file, name)
                     state[name] = t if zero_copy else t.to(device=device, dtype=dtype)
         return state
 
@@ -183,9 +197,9 @@ class HFCheckpoint:
         file = self.files[name]
         with _open(file) as f:
             try:
-                return f.get_slice(name)[start:stop].float()
+                return _finite(f.get_slice(name)[start:stop].float(), file, name)
             except SafetensorError as e:
-                raise ValueError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt: {e})") from None
+                raise InputError(f"{file}: tensor {name!r} cannot be read (truncated or corrupt: {e})") from None
 
 
 def load_hf(path, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
@@ -208,7 +222,7 @@ def parse_size(size) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size must be an int or a string like '500MB' or '5GB', got {size!r}")
+        raise InputError(f"max_shard_size must be an int or a string like '500MB' or '5GB', got {size!r}")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
@@ -226,8 +240,10 @@ def write_hf(args: ModelArgs, tensors, path, max_shard_size="5GB", dtype=torch.f
 
     def flush():
         tmp = path / f".part{len(shards)}.tmp{os.getpid()}"
-        save_file(current, str(tmp), metadata={"format": "pt"})
         shards.append((tmp, list(current)))
+        with disk_space(tmp, sum(t.nbytes for t in current.values())):
+            save_file(current, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, 0o666 & ~umask())
         current.clear()
 
     try:

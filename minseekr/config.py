@@ -8,7 +8,11 @@ the task order's epochs, then a preset, then the demo's settings, then the flags
 """
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from minseekr.runtime import InputError
 
 
 @dataclass(frozen=True)
@@ -32,33 +36,67 @@ METHODS = {
     "mtl": Method(joint=True),
 }
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
+PRESETS = ("paper", "official")
 
 
-def option(default, help, choices=None):
-    """A config field with its flag's one-line help and, for enumerations, its allowed values."""
+# Ranges a numeric field may take: (test, the words an error shows). A list or tuple field applies it to each item.
+POSITIVE, NONNEGATIVE, AT_LEAST_1, UNIT, BETA = ((lambda v: v > 0, "> 0"), (lambda v: v >= 0, "≥ 0"),
+                                                  (lambda v: v >= 1, "≥ 1"), (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                                  (lambda v: 0 <= v < 1, "in [0, 1)"))
+
+
+def option(default, help, choices=None, check=None):
+    """A config field with its flag's one-line help, and its allowed values or range (checked by `validate`)."""
     kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(**kwargs, metadata={"help": help, "choices": choices})
+    return field(**kwargs, metadata={"help": help, "choices": choices, "check": check})
+
+
+def validate(config) -> None:
+    """Every field of a config dataclass has its declared type, one of its choices and a value in its range;
+    otherwise an InputError names the flag, the value found and what was expected."""
+    for f in fields(config):
+        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
+        kind = type(f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(config, f.name, value)
+        if kind in (list, tuple) and isinstance(value, (list, tuple)):
+            value = kind(value)
+            setattr(config, f.name, value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise InputError(f"{flag} must be a {kind.__name__}, got {value!r}")
+        allowed, check = f.metadata.get("choices"), f.metadata.get("check")
+        if allowed and value not in allowed:
+            raise InputError(f"{flag} must be one of {'|'.join(a for a in allowed if a)}, got {value!r}")
+        items = value if kind in (list, tuple) else [value]
+        if kind in (list, tuple) and not items:
+            raise InputError(f"{flag} needs at least one value")
+        if check and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and check[0](v) for v in items):
+            raise InputError(f"{flag} must be {check[1]}, got {value!r}")
 
 
 @dataclass
 class ContinualConfig:
     method: str = option("seekr", "continual-learning method", tuple(METHODS))
-    lr: float = option(1e-5, "AdamW learning rate, constant (the paper's 7B setting)")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay on matrices and embeddings")
-    betas: tuple = option((0.9, 0.95), "AdamW betas (the official code's)")
-    clip: float = option(1.0, "global gradient-norm clip")
-    batch_size: int = option(16, "sequences per micro-step, summed over ranks")
-    grad_accum: int = option(1, "micro-steps per optimiser step; the step's gradient is their mean")
-    epochs: list = option([1], "epochs per task (one value repeats); default: the order's (Appendix B)")
-    max_len: int = option(1536, "training length: left truncation of BOS + prompt + answer + EOS")
-    replay_ratio: float = option(0.01, "|R_k| / |D_k|: the share of each task kept for replay")
+    lr: float = option(1e-5, "AdamW learning rate, constant (the paper's 7B setting)", check=POSITIVE)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay on matrices and embeddings", check=NONNEGATIVE)
+    betas: tuple = option((0.9, 0.95), "AdamW betas (the official code's)", check=BETA)
+    clip: float = option(1.0, "global gradient-norm clip", check=POSITIVE)
+    batch_size: int = option(16, "sequences per micro-step, summed over ranks", check=AT_LEAST_1)
+    grad_accum: int = option(1, "micro-steps per optimiser step; the step's gradient is their mean", check=AT_LEAST_1)
+    epochs: list = option([1], "epochs per task (one value repeats); default: the order's (Appendix B)",
+                          check=AT_LEAST_1)
+    max_len: int = option(1536, "training length: left truncation of BOS + prompt + answer + EOS", check=(
+        lambda v: v >= 2, "≥ 2 (BOS and EOS)"))
+    replay_ratio: float = option(0.01, "|R_k| / |D_k|: the share of each task kept for replay", check=UNIT)
     replay_select: str = option("random", "R_k: a random draw (paper) or the first items of train.json (official)",
                                 ("random", "first"))
-    lambda1: float = option(0.5, "λ1 of Eq. 13: CE versus logit distillation on replayed samples")
-    lambda2: float = option(1e3, "λ2 of Eq. 13: the attention-distillation weight")
-    layer_budget: int = option(24, "B_L: layers that may hold distilled heads (Eq. 11)")
-    head_budget: int = option(128, "B_H: distilled heads (Eq. 11)")
-    query_budget: int = option(100, "B_T: query rows distilled per sample; 0 = every row (the official script)")
+    lambda1: float = option(0.5, "λ1 of Eq. 13: CE versus logit distillation on replayed samples", check=UNIT)
+    lambda2: float = option(1e3, "λ2 of Eq. 13: the attention-distillation weight", check=NONNEGATIVE)
+    layer_budget: int = option(24, "B_L: layers that may hold distilled heads (Eq. 11)", check=AT_LEAST_1)
+    head_budget: int = option(128, "B_H: distilled heads (Eq. 11)", check=AT_LEAST_1)
+    query_budget: int = option(100, "B_T: query rows distilled per sample; 0 = every row (the official script)",
+                               check=NONNEGATIVE)
     head_score: str = option("both", "head ranking: I = S·F, or one factor, or random (Table 4's ablations)",
                              ("both", "sensitivity", "forgettability", "random"))
     importance: str = option("paper", "I = (Σ_k S̃^k)(Σ_k F^k) (paper, Eq. 8-10) or Σ_k S̃^k·F^k (official)",
@@ -78,28 +116,65 @@ class ContinualConfig:
     signal_dtype: str = option("bfloat16", "dtype of the buffer's teacher logits", SIGNAL_DTYPES)
     attn_dtype: str = option("", "dtype of the buffer's attention rows (empty: --signal-dtype)",
                              ("",) + SIGNAL_DTYPES + ("float8_e5m2",))
-    logit_topk: int = option(0, "buffer logits: 0 = the whole vocabulary, k = the teacher's top k (+ the rest)")
-    lwf_weight: float = option(1.0, "lwf: weight of KL(θ_{k−1} ‖ θ) on the new task's answer tokens")
-    ewc_weight: float = option(1e4, "ewc: λ of the penalty (λ/2) Σ F (θ − θ*)²")
-    ewc_samples: int = option(64, "ewc: samples of D_k for the diagonal Fisher")
-    eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)")
-    max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)")
-    max_prompt_len: int = option(1024, "evaluation prompts: left truncation to this many tokens (BOS kept)")
-    checkpoint_every: int = option(0, "optimiser steps between resume points inside a task (0: after tasks only)")
-    seed: int = option(1234, "the seed of every draw")
+    logit_topk: int = option(0, "buffer logits: 0 = the whole vocabulary, k = the teacher's top k (+ the rest)",
+                             check=NONNEGATIVE)
+    lwf_weight: float = option(1.0, "lwf: weight of KL(θ_{k−1} ‖ θ) on the new task's answer tokens",
+                               check=NONNEGATIVE)
+    ewc_weight: float = option(1e4, "ewc: λ of the penalty (λ/2) Σ F (θ − θ*)²", check=NONNEGATIVE)
+    ewc_samples: int = option(64, "ewc: samples of D_k for the diagonal Fisher", check=AT_LEAST_1)
+    eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)",
+                               check=NONNEGATIVE)
+    max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)", check=AT_LEAST_1)
+    max_prompt_len: int = option(1024, "evaluation prompts: left truncation to this many tokens (BOS kept)",
+                                 check=(lambda v: v >= 2, "≥ 2"))
+    checkpoint_every: int = option(0, "optimiser steps between resume points inside a task (0: after tasks only)",
+                                   check=NONNEGATIVE)
+    seed: int = option(1234, "the seed of every draw", check=NONNEGATIVE)
 
     def __post_init__(self):
-        for f in fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {'|'.join(a for a in allowed if a)}, "
-                                 f"got {getattr(self, f.name)!r}")
-        if not 0.0 <= self.replay_ratio <= 1.0:
-            raise ValueError(f"--replay-ratio must be in [0, 1], got {self.replay_ratio}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"--batch-size and --grad-accum must be ≥ 1, got {self.batch_size}, {self.grad_accum}")
+        validate(self)
         if self.logit_loss == "mse" and self.logit_topk:
-            raise ValueError("--logit-loss mse compares whole logit vectors: it needs --logit-topk 0 (full logits)")
+            raise InputError("--logit-loss mse compares whole logit vectors: it needs --logit-topk 0 (full logits)")
+
+
+@dataclass
+class RunConfig:
+    """train.py's own settings (run.json), beside the ContinualConfig of the run (config.json)."""
+    model: str = option("", "HF checkpoint directory (config.json + safetensors); empty runs the demo")
+    tokenizer: str = option("", "SentencePiece tokenizer.model (default: MODEL/tokenizer.model)")
+    data: str = option("", "folder holding the task folders")
+    order: str = option("", "order1 | order2 | order3 | order4 (Table 5), or comma-separated task folder names")
+    out: str = option("runs/run", "run directory")
+    preset: str = option("", "every setting as the paper (paper) or the authors' script (official) uses it; "
+                         "typed flags still win", ("",) + PRESETS)
+    device: str = option("", "cpu or cuda (default: cuda when a GPU is visible)", ("", "cpu", "cuda"))
+    dtype: str = option("", "compute dtype (default: bfloat16 on GPUs, float32 on the CPU)",
+                        ("", "float32", "bfloat16"))
+    fsdp: str = option("minseekr", "training engine: the hand-written FSDP (minseekr) or PyTorch's FSDP2 (torch)",
+                       ("minseekr", "torch"))
+    activation_checkpointing: bool = option(False, "recompute each block in backward (long sequences, big models)")
+    resume: str = option("", "continue this run directory from its latest resume point, with its own settings")
+    threads: int = option(0, "torch CPU threads (0 = torch's default, recorded so that --resume uses the same)",
+                          check=NONNEGATIVE)
+    train_samples: int = option(0, "first N training records per task (0 = all): quick runs", check=NONNEGATIVE)
+    test_samples: int = option(0, "first N test records per task kept in the run (0 = all)", check=NONNEGATIVE)
+    demo_seeds: str = option("0", "demo only: comma-separated seeds to repeat the comparison over")
+    demo_methods: str = option("seqft,replay,seekr", "demo only: the methods compared")
+
+    def __post_init__(self):
+        validate(self)
+
+
+def read_settings(file, cls):
+    """A config dataclass from the JSON file a run wrote; a damaged or edited file is named."""
+    try:
+        return cls(**json.loads(Path(file).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{file} is not valid JSON ({e})") from None
+    except TypeError as e:
+        raise InputError(f"{file} does not hold {cls.__name__}'s fields ({e})") from None
+    except InputError as e:
+        raise InputError(f"{file}: {e}") from None
 
 
 # The settings each reading of the method uses, beyond what ContinualConfig's defaults already hold. The paper
@@ -111,7 +186,6 @@ _OFFICIAL = dict(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, clip=1.0, batch_s
                  query_budget=0, importance="official", sensitivity_entries="all", sensitivity_norm="mean_square",
                  forgettability_norm="mean_square", ad_norm="official", logit_loss="kl", max_prompt_len=1024,
                  max_new_tokens=512, eval_samples=0)
-PRESETS = ("paper", "official")
 
 
 def preset(name: str, replay_ratio: float, n_layers: int) -> dict:
@@ -119,7 +193,7 @@ def preset(name: str, replay_ratio: float, n_layers: int) -> dict:
     if name == "official":
         return dict(_OFFICIAL, replay_ratio=replay_ratio)
     if name != "paper":
-        raise ValueError(f"--preset must be one of {'|'.join(PRESETS)}, got {name!r}")
+        raise InputError(f"--preset must be one of {'|'.join(PRESETS)}, got {name!r}")
     ten_percent, thirteen_b = replay_ratio >= 0.1, n_layers == 40   # Vicuna-13B has 40 layers
     return dict(_OFFICIAL, replay_ratio=replay_ratio, replay_select="random", lambda2=1e2 if ten_percent else 1e3,
                 layer_budget=8 if ten_percent or thirteen_b else 24, query_budget=100, importance="paper",

@@ -34,12 +34,14 @@ Resume. Every draw is seeded by (seed, task, epoch), so a position in the plan f
 selection, position, bytes of metrics.jsonl), written every `checkpoint_every` optimiser steps and after each task.
 """
 import json
+import math
 import random
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -53,9 +55,10 @@ from minseekr.engine import build_engine, export_hf, load_engine
 from minseekr.evaluation import evaluate
 from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
 from minseekr.model import Transformer, token_losses
-from minseekr.resume import Position, latest_point, load_sharded, write_point
+from minseekr.resume import META, Position, latest_point, load_sharded, write_point
 from minseekr.rundir import RunDir, summarize
-from minseekr.runtime import all_reduce, atomic_write, barrier, gather
+from minseekr.runtime import (InputError, NonFiniteError, all_reduce, atomic_write, barrier, disk_space, first_error,
+                              gather)
 
 
 class ContinualTrainer:
@@ -63,9 +66,10 @@ class ContinualTrainer:
 
     `engine` comes from `engine.build_engine` or `load_engine`; a plain Transformer is wrapped in the
     hand-written engine. `eval_fn(model, task) -> score` replaces `evaluate` (tests use it to skip generation).
+    `spec`, the entry point's own settings, is written beside the config as run.json when the run starts.
     """
 
-    def __init__(self, engine, tokenizer, tasks, cfg: ContinualConfig, run_dir, eval_fn=None):
+    def __init__(self, engine, tokenizer, tasks, cfg: ContinualConfig, run_dir, eval_fn=None, spec=None):
         if isinstance(engine, Transformer):
             engine = build_engine(engine, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.engine, self.model, self.tok, self.tasks, self.cfg = engine, engine.model, tokenizer, tasks, cfg
@@ -79,13 +83,10 @@ class ContinualTrainer:
         if self.method.replays:
             for task in tasks[:-1]:   # the last task's R_k is never replayed
                 if round(cfg.replay_ratio * len(task.train)) == 0:
-                    raise ValueError(f"--replay-ratio {cfg.replay_ratio} keeps round({cfg.replay_ratio} × "
+                    raise InputError(f"--replay-ratio {cfg.replay_ratio} keeps round({cfg.replay_ratio} × "
                                      f"{len(task.train)}) = 0 samples of task {task.name} ({len(task.train)} training "
                                      f"samples), so --method {cfg.method} would replay nothing of it: use "
                                      f"--replay-ratio ≥ {1 / len(task.train):.3g}, or more training samples")
-        if self.rank == 0:
-            self.run.root.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run.config, lambda tmp: tmp.write_text(json.dumps(asdict(cfg), indent=1)))
         self.scores = heads.HeadScores(args.n_layers, args.n_heads)
         self.selected = []                  # the current selection H (Algorithm 1, line 10)
         self.memories = []                  # TaskMemory per finished task
@@ -94,6 +95,9 @@ class ContinualTrainer:
         self.ewc = EWC(cfg.ewc_weight) if self.method.penalises_drift else None
         self.teacher = None                 # LwF's frozen θ_{k−1}
         self.dtype, self.attn_dtype = getattr(torch, cfg.signal_dtype), getattr(torch, cfg.attn_dtype or cfg.signal_dtype)
+        self.spec = spec
+        if self.rank == 0:
+            self.run.root.mkdir(parents=True, exist_ok=True)
         self.eval_fn = eval_fn or (lambda model, task: evaluate(
             model, tokenizer, task, cfg.eval_samples, cfg.max_prompt_len, cfg.max_new_tokens, progress=self.rank == 0))
 
@@ -135,7 +139,12 @@ class ContinualTrainer:
                 sums["attn_kl"] = (ad, n_ad)
         (loss * (weight * self.world / n_micro)).backward()
         values = all_reduce(torch.tensor([float(s.detach()) * weight for s, _ in sums.values()], device=self.device))
-        return {name: v.item() / float(n) for (name, (_, n)), v in zip(sums.items(), values)}
+        terms = {name: v.item() / float(n) for (name, (_, n)), v in zip(sums.items(), values)}
+        for name, value in terms.items():   # every rank sees the same all-reduced values: all stop together
+            if not math.isfinite(value):
+                raise NonFiniteError(f"optimiser step {self.engine.step + 1}: the loss term {name} is {value}; "
+                                     f"nothing of this step was applied or saved (a lower --lr, or the data?)")
+        return terms
 
     def attention_loss(self, probe, counts, n_heads):
         """L_ad of this rank's samples as (sum, global divisor): the mean over the global batch's (sample, head,
@@ -160,6 +169,9 @@ class ContinualTrainer:
         the gradient norm before clipping (penalty included) and EWC's penalty."""
         terms = {"ewc": self.ewc.add_penalty_grad(self.engine)} if self.ewc else {}
         terms["grad_norm"] = float(self.engine.clip_grad_norm_(self.cfg.clip))
+        if bad := {key: v for key, v in terms.items() if not math.isfinite(v)}:
+            raise NonFiniteError(f"optimiser step {self.engine.step + 1}: {', '.join(f'{k} is {v}' for k, v in bad.items())}"
+                                 f"; the step was not applied and nothing was saved (a lower --lr?)")
         self.engine.optimizer_step(self.cfg.lr)
         self.engine.zero_grad()
         return terms
@@ -224,8 +236,12 @@ class ContinualTrainer:
         record = {"task": s, "epoch": epoch, **{key: total / n for key, (total, n) in logged.items()}}
         record.update(self.optimizer_step())
         if self.rank == 0:
-            with self.run.metrics.open("a") as f:
-                f.write(json.dumps({**record, "step": self.engine.step}) + "\n")
+            self.log({**record, "step": self.engine.step})
+
+    def log(self, record: dict):
+        """Append one line to metrics.jsonl (rank 0)."""
+        with disk_space(self.run.metrics), self.run.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def replay_size(self, s) -> int:
         """|R_k| of stage s: 0 unless the method replays."""
@@ -278,7 +294,11 @@ class ContinualTrainer:
                     for b, (batch, _, _) in enumerate(batches)}
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: save_file(maps, str(tmp)))
-        return safe_open(str(path), "pt")
+        try:
+            return safe_open(str(path), "pt")
+        except SafetensorError as e:
+            raise InputError(f"{path}: θ_{{k−1}}'s attention snapshot cannot be read ({e}); restore it, or start the "
+                             f"run again") from None
 
     def load_teacher(self, s):
         """LwF's θ_{k−1}: a frozen hand-sharded copy of the previous task's export (none before task 2)."""
@@ -335,6 +355,11 @@ class ContinualTrainer:
             if weight:
                 first = b * self.cfg.batch_size + self.rank
                 mine += [(first + j * self.world, sig) for j, sig in enumerate(signals)]
+        bad = next((f"{key} of replay sample {i}" for i, sig in mine for key, t in sig.items()
+                    if t.is_floating_point() and not torch.isfinite(t.float()).all()), None)
+        if bad := first_error(bad):
+            raise NonFiniteError(f"task {s} ({self.tasks[s].name}): θ_k's {bad} holds NaN or infinite values; "
+                                 f"its buffer was not written")
         everyone = gather(mine)
         if self.rank == 0:
             ordered = sorted((pair for part in everyone for pair in part), key=lambda pair: pair[0])
@@ -343,7 +368,7 @@ class ContinualTrainer:
         self.open_memory(s)
 
     def open_memory(self, s):
-        memory = TaskMemory(self.run.buffer, s)
+        memory = TaskMemory(self.run.buffer, s, self.model.args)
         self.memories.append(memory)
         self.memory_tokens.append([n_labels(memory.labels(i)) for i in range(len(memory))])
         self.memory_rows.append([memory.rows(i).numel() for i in range(len(memory))])
@@ -365,6 +390,8 @@ class ContinualTrainer:
         """Load the latest resume point; returns its position."""
         path = latest_point(self.run.resume)
         state = load_sharded(self.engine, path)
+        if missing := [key for key in META if key not in state]:
+            raise InputError(f"{path / 'manifest.json'}: the trainer's state lacks {', '.join(missing)}")
         if self.ewc:
             self.ewc.load(path / f"ewc-rank{self.rank:05d}.safetensors", self.device)
         at = Position(state["task"], state["epoch"], state["micro"], state["step"])
@@ -381,8 +408,35 @@ class ContinualTrainer:
                 f.truncate(state["metrics_bytes"])
         return at
 
+    @contextmanager
+    def claimed(self, resume):
+        """The run directory, claimed by rank 0 for the block (every rank stops if it cannot be); a new run's
+        settings are written into it once, a resumed run's are left as they are."""
+        claim, error = ExitStack(), None
+        if self.rank == 0:
+            try:
+                claim.enter_context(self.run.claim())
+                if not resume and self.run.config.exists():
+                    raise InputError(f"{self.run.root} already holds a run ({self.run.config.name}): continue it with "
+                                     f"--resume {self.run.root}, or give another --out")
+                if not resume:
+                    for file, settings in ((self.run.config, asdict(self.cfg)), (self.run.spec, self.spec)):
+                        if settings is not None:
+                            atomic_write(file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
+            except InputError as e:
+                claim.close()
+                error = str(e)
+        if error := first_error(error):
+            raise InputError(error)
+        with claim:
+            yield
+
     def run_all(self, resume=False):
         """Algorithm 1 over every task (or from the run's latest resume point); writes and returns results.json."""
+        with self.claimed(resume):
+            return self._run_all(resume)
+
+    def _run_all(self, resume):
         n_tasks = len(self.tasks)
         at = self.restore() if resume else None
         if self.base is None:   # θ_0's zero-shot scores, for FWT
@@ -396,10 +450,8 @@ class ContinualTrainer:
             seen = n_tasks if self.method.joint else min(s + 2, n_tasks)
             self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (n_tasks - seen))
             if self.rank == 0:
-                with self.run.metrics.open("a") as f:
-                    f.write(json.dumps({"task": s, "name": "mtl" if self.method.joint else self.tasks[s].name,
-                                        "scores": self.R[s][:seen], "heads": self.selected,
-                                        "seconds": round(time.time() - start, 1)}) + "\n")
+                self.log({"task": s, "name": "mtl" if self.method.joint else self.tasks[s].name,
+                          "scores": self.R[s][:seen], "heads": self.selected, "seconds": round(time.time() - start, 1)})
             self.save_resume(Position(s + 1))
             self.run.snapshot(s, self.rank).unlink(missing_ok=True)   # needed until this resume point exists
         summary = summarize(self.R, self.base, [t.name for t in self.tasks], self.cfg.method, self.method.joint,

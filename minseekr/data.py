@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minseekr.metrics import task_metric
+from minseekr.runtime import InputError
 
 SPLITS = ("train", "eval", "test")
 
@@ -32,7 +33,7 @@ ORDERS = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Task data that cannot be trained on; the message names the file, the record and the problem."""
 
 
@@ -68,7 +69,10 @@ def _check_record(obj, where: str) -> dict:
 def read_records(path) -> list[dict]:
     """The checked records of one .json (a list of objects) or .jsonl (one object per line) file."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if path.suffix == ".jsonl":
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -143,6 +147,12 @@ def load_sequence(spec, data_root=None, epochs=None) -> tuple[list[Task], list[i
             raise DataError(f"{spec} needs {len(names)} task folders under {root}; missing {len(missing)}: "
                             f"{', '.join(missing)}")
     else:
+        if root is not None:   # a name must stay under --data: no "..", no absolute path, no symlink out of it
+            outside = [f for f in spec if Path(f).is_absolute() or ".." in Path(f).parts
+                       or ((root / f).exists() and not (root / f).resolve().is_relative_to(root.resolve()))]
+            if outside:
+                raise DataError(f"task {outside[0]!r} is not a folder under {root}: give task folder names "
+                                f"relative to --data, without '..'")
         folders = [root / f if root is not None else Path(f) for f in spec]
         default_epochs = [1] * len(folders)
         missing = [str(f) for f in folders if not f.is_dir()]

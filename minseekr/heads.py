@@ -38,9 +38,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.runtime import atomic_write
 from minseekr.kl import attention_rows, query_rows
 from minseekr.model import sequence_loss
+from minseekr.runtime import InputError, atomic_write
 
 NORMS = ("frobenius", "mean_square")
 ENTRIES = ("valid", "all")
@@ -276,7 +276,7 @@ def importance(sensitivity, forgettability):
 def random_heads(n_layers, n_heads, head_budget, generator):
     """Table 4's "random" ablation: B_H heads drawn uniformly among all heads, a sorted list of (layer, head)."""
     if not 1 <= head_budget <= n_layers * n_heads:
-        raise ValueError(f"--head-budget (B_H) must be in 1..{n_layers * n_heads}, got {head_budget}")
+        raise InputError(f"--head-budget (B_H) must be in 1..{n_layers * n_heads}, got {head_budget}")
     flat = torch.randperm(n_layers * n_heads, generator=generator)[:head_budget]
     return sorted((int(i) // n_heads, int(i) % n_heads) for i in flat)
 
@@ -297,9 +297,9 @@ def select_heads(importance, layer_budget, head_budget):
         raise ValueError("importance has NaN or infinite entries")
     n_layers, n_heads = importance.shape
     if not 1 <= layer_budget <= n_layers:
-        raise ValueError(f"--layer-budget (B_L) must be in 1..{n_layers} (the model's layers), got {layer_budget}")
+        raise InputError(f"--layer-budget (B_L) must be in 1..{n_layers} (the model's layers), got {layer_budget}")
     if not 1 <= head_budget <= layer_budget * n_heads:
-        raise ValueError(f"--head-budget (B_H) must be in 1..{layer_budget * n_heads} "
+        raise InputError(f"--head-budget (B_H) must be in 1..{layer_budget * n_heads} "
                          f"(B_L={layer_budget} layers × {n_heads} heads), got {head_budget}")
     layers = _top(importance.double().sum(1), layer_budget).sort().values             # ascending layer index
     heads = _top(importance[layers].flatten(), head_budget)                           # row-major: lower layer first
@@ -314,7 +314,7 @@ def sample_query_rows(attention_mask, budget, generator=None):
     count in the batch; a sample with fewer rows is padded with PAD_ROW. Seeded by `generator`.
     """
     if budget < 0:
-        raise ValueError(f"query budget (B_T) must be ≥ 0 (0 = every row), got {budget}")
+        raise InputError(f"query budget (B_T) must be ≥ 0 (0 = every row), got {budget}")
     rows = []
     for b, real in enumerate(attention_mask.bool().cpu()):
         positions = real.nonzero().flatten()

@@ -17,10 +17,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minseekr.runtime import atomic_write, barrier
+from minseekr.runtime import InputError, NonFiniteError, atomic_write, barrier, first_error
 
 LATEST = "latest.json"
 
@@ -39,14 +39,23 @@ class Position:
 
 
 def write_point(root, position: Position, engine, state: dict, extra=None) -> Path:
-    """A resume point of `engine` with the trainer's `state`; `extra(dir)` adds per-rank files (EWC). Then
-    latest.json names it and older points are deleted (rank 0), every rank waiting at each end."""
+    """A resume point of `engine` with the trainer's `state`; `extra(dir)` adds per-rank files (EWC).
+
+    It is written only from finite weights and moments, and only once every rank has read its file back does
+    latest.json name it and are older points deleted (rank 0): a crash or a full disk at any moment leaves the
+    last good point in place.
+    """
     root = Path(root)
     path = root / position.tag
+    bad = next((name for name, t in engine.state_tensors().items() if not torch.isfinite(t).all()), None)
+    if bad := first_error(bad):
+        raise NonFiniteError(f"{path}: not written, {bad} holds NaN or infinite values; the resume point that "
+                             f"{root / LATEST} names is kept")
     save_sharded(engine, path, meta={**asdict(position), **state})
     if extra is not None:
         extra(path)
-    barrier()
+    if error := first_error(_unreadable(path / f"rank{engine.rank:05d}.safetensors", engine.state_tensors())):
+        raise InputError(f"{error}; the resume point that {root / LATEST} names is kept")
     if engine.rank == 0:
         atomic_write(root / LATEST, lambda tmp: tmp.write_text(json.dumps({"dir": position.tag})))
         for old in root.iterdir():
@@ -56,12 +65,33 @@ def write_point(root, position: Position, engine, state: dict, extra=None) -> Pa
     return path
 
 
+def _unreadable(file: Path, expected: dict) -> str | None:
+    """Why `file` does not hold the tensors `expected` names with their shapes, or None."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            for name, t in expected.items():
+                if name not in f.keys() or tuple(f.get_slice(name).get_shape()) != tuple(t.shape):
+                    return f"{file}: {name} did not read back as written"
+    except Exception as e:   # SafetensorError or OSError: a truncated or missing file
+        return f"{file}: unreadable after writing ({e})"
+    return None
+
+
+META = ("task", "epoch", "micro", "step", "R", "base", "heads", "metrics_bytes")
+
+
 def latest_point(root) -> Path:
-    """The directory of the newest resume point under `root`."""
+    """The directory of the newest resume point under `root`, checked to be one of its own entries."""
     latest = Path(root) / LATEST
     if not latest.is_file():
         raise FileNotFoundError(f"{latest}: no resume point in this run directory (nothing to resume)")
-    return Path(root) / json.loads(latest.read_text())["dir"]
+    try:
+        name = json.loads(latest.read_text())["dir"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{latest} is not a resume pointer {{\"dir\": NAME}} ({e!r})") from None
+    if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or not (Path(root) / name).is_dir():
+        raise InputError(f"{latest} names {name!r}, which is not a resume point inside {root}")
+    return Path(root) / name
 
 
 def save_sharded(engine, path, meta=None):
@@ -81,22 +111,31 @@ def save_sharded(engine, path, meta=None):
 def load_sharded(engine, path) -> dict:
     """Restore what `save_sharded` wrote at this world size into `engine`; returns the trainer's meta."""
     path, manifest = Path(path), read_manifest(path, engine.layout())
-    with safe_open(str(path / f"rank{engine.rank:05d}.safetensors"), "pt") as f:
-        engine.load_state_tensors(f.get_tensor, manifest["step"])
+    file = path / f"rank{engine.rank:05d}.safetensors"
+    try:
+        with safe_open(str(file), "pt") as f:
+            engine.load_state_tensors(f.get_tensor, manifest["step"])
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file}: this rank's state cannot be read ({e})") from None
     return manifest["meta"]
 
 
 def read_manifest(path, layout):
     """A sharded checkpoint's manifest, checked against the engine's layout (engine, world size, tensors)."""
     file = Path(path) / "manifest.json"
-    manifest = json.loads(file.read_text())
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not {"engine", "world", "step", "meta"} <= set(manifest):
+        raise InputError(f"{file} is not a sharded checkpoint's manifest (engine, world, step, meta)")
     if manifest.get("engine") != layout["engine"]:
-        raise ValueError(f"{file}: written by engine {manifest.get('engine')!r}, this run uses {layout['engine']!r}")
+        raise InputError(f"{file}: written by engine {manifest.get('engine')!r}, this run uses {layout['engine']!r}")
     if manifest["world"] != layout["world"]:
-        raise ValueError(f"{file}: saved at world size {manifest['world']}, this run has {layout['world']}; "
+        raise InputError(f"{file}: saved at world size {manifest['world']}, this run has {layout['world']}; "
                          f"resume on the same world size (FSDP checkpoints: reshard_checkpoint)")
     if any(manifest.get(k) != v for k, v in layout.items()):
-        raise ValueError(f"{file}: tensor layout differs from this model's (another architecture?)")
+        raise InputError(f"{file}: tensor layout differs from this model's (another architecture?)")
     return manifest
 
 
@@ -110,10 +149,10 @@ def reshard_checkpoint(src, dst, world):
     """
     src, dst = Path(src), Path(dst)
     if world < 1:
-        raise ValueError(f"reshard_checkpoint: world must be at least 1, got {world}")
+        raise InputError(f"reshard_checkpoint: world must be at least 1, got {world}")
     manifest = json.loads((src / "manifest.json").read_text())
     if manifest.get("engine") != "FSDP":
-        raise ValueError(f"{src}/manifest.json: not an FSDP sharded checkpoint (engine {manifest.get('engine')!r})")
+        raise InputError(f"{src}/manifest.json: not an FSDP sharded checkpoint (engine {manifest.get('engine')!r})")
     if dst.exists():
         raise FileExistsError(f"{dst} exists; reshard_checkpoint writes a new directory")
     old_world, units = manifest["world"], manifest["units"]

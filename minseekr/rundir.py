@@ -8,10 +8,25 @@
     metrics.jsonl              one line per optimiser step, one per finished task
     resume/latest.json, resume/<tag>/   the latest resume point (resume.py's format)
     results.json               R, base scores, OP, BWT, BWT_T, FWT, the selected heads
+    run.lock                   held by the process that runs in it (its pid, host and start time inside)
+
+A run claims its directory (`claim`) before it writes anything: one process at a time holds `run.lock` (an
+advisory `flock`, released when the process ends, however it ends); a second one stops, naming the holder. The
+claim also refuses symlinks anywhere inside the directory (the trainer would follow them out of it) and removes
+the temporary files that a killed process left behind.
 """
+import fcntl
+import os
+import re
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
+from minseekr.runtime import InputError
+
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")   # runtime.atomic_write's and checkpoint.write_hf's names
 
 
 class RunDir:
@@ -34,6 +49,34 @@ class RunDir:
     def snapshot(self, task: int, rank: int) -> Path:
         """θ_{k−1}'s attention at R_k's rows for task k, this rank's share."""
         return self.root / "snapshots" / f"task{task:02d}-rank{rank:05d}.safetensors"
+
+    @contextmanager
+    def claim(self):
+        """Hold run.lock while the block runs: refuse a directory in use, and symlinks inside it; drop temporaries."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / "run.lock"
+        if lock.is_symlink():
+            raise InputError(f"{lock} is a symlink; a run directory holds no symlinks")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                raise InputError(f"{self.root} is in use by {holder}: wait for that run to end, or give another "
+                                 f"--out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            for path in sorted(self.root.rglob("*")):
+                if path.is_symlink():
+                    raise InputError(f"{path} is a symlink; a run directory holds no symlinks (the trainer would "
+                                     f"read or write through it, outside {self.root})")
+                if path.is_file() and _TEMPORARY.match(path.name):
+                    path.unlink()     # left by a killed process: never under a final name, never read
+            yield
+        finally:
+            os.close(fd)              # releases the lock
 
 
 def summarize(R, base, tasks: list[str], method: str, joint: bool, heads, run_dir) -> dict:

@@ -1,31 +1,82 @@
-"""What every process of a run shares: the process group, rank-0 output, the default dtype, and safe file writes.
+"""What every process of a run shares: the process group, rank-0 output, the default dtype, safe file writes, and
+the errors that tell a user what to fix.
 
 One code path serves a plain `python` process and a `torchrun` job: `init_distributed` makes a process group of
 one when torchrun's environment is absent, so collectives are always legal, and `distributed()` is the one
 test for "are there other ranks". Files are written under a temporary name beside their final one and renamed
-into place (`atomic_write`), so a reader, or a run killed mid-write, never sees half a file.
+into place (`atomic_write`), so a reader, or a run killed mid-write, never sees half a file; they get the
+user's umask (safetensors alone would create them 0600), and a full disk is one `DiskFullError` naming the file
+and the space it needed.
+
+`InputError` is bad input (a file, field or flag): its message names the thing, what was found and what was
+expected, and the entry points print it as one line without a traceback (`exit_on_input_errors`); every other
+exception is a bug and keeps its traceback.
 """
+import errno
 import os
+import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
-def init_distributed():
-    """(rank, world, device) from torchrun's environment; a plain `python` run is a world of one."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)  # before the process group, or NCCL binds every rank to GPU 0
-        kwargs = dict(backend="nccl", device_id=device)
+
+def umask() -> int:
+    """The process's umask (files a run writes get 0o666 & ~umask, as any file the user creates)."""
+    return _UMASK
+
+
+class InputError(ValueError):
+    """Bad input from the user: the message names the file, field or flag, what was found and what was expected."""
+
+
+class NonFiniteError(InputError):
+    """A NaN or an infinity where training needs numbers: the message names the step or tensor; nothing was saved."""
+
+
+class DiskFullError(OSError):
+    """A write that found no space left; the message names the file and the space it needed."""
+
+
+def init_distributed(device: str = ""):
+    """(rank, world, device) from torchrun's environment; a plain `python` run is a world of one.
+
+    `device` is "cpu", "cuda" or "" (CUDA when present). With CUDA every rank needs a GPU of its own on its node.
+    The first call starts the process group (NCCL on GPUs, gloo on CPUs); later calls return its device kind.
+    """
+    if device not in ("", "cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    if dist.is_initialized():
+        on_gpu = dist.get_backend() == "nccl"
     else:
-        device, kwargs = torch.device("cpu"), dict(backend="gloo")
+        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+        if on_gpu and not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is visible to this process")
+    if not on_gpu:
+        if not dist.is_initialized():
+            _start_group(dict(backend="gloo"))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+    if per_node > gpus:
+        raise InputError(f"torchrun started {per_node} ranks on this node but {gpus} GPU(s) are visible: start at "
+                         f"most {gpus} per node (--nproc-per-node {gpus}) or train on the CPU (--device cpu)")
+    gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        if "RANK" in os.environ:
-            dist.init_process_group(**kwargs)
-        else:  # one code path for world 1: a process group of one over an in-memory store
-            dist.init_process_group(**kwargs, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
+        torch.cuda.set_device(gpu)  # before the process group, or NCCL binds every rank to GPU 0
+        _start_group(dict(backend="nccl", device_id=gpu))
+    return dist.get_rank(), dist.get_world_size(), gpu
+
+
+def _start_group(kwargs):
+    if "RANK" in os.environ:
+        dist.init_process_group(**kwargs)
+    else:  # one code path for world 1: a process group of one over an in-memory store
+        dist.init_process_group(**kwargs, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def rank_world() -> tuple[int, int]:
@@ -60,6 +111,11 @@ def gather(obj) -> list:
     return out
 
 
+def first_error(error: str | None) -> str | None:
+    """The first rank's error message, on every rank (None when no rank has one): so that all stop together."""
+    return next((e for e in gather(error) if e is not None), None)
+
+
 def barrier():
     """Wait for every rank (a no-op in a world of one)."""
     if distributed():
@@ -71,12 +127,46 @@ def default_compute_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def atomic_write(file: Path, write):
-    """Call write(tmp) on a temporary name beside `file`, then move it into place in one step."""
-    file = Path(file)
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+def tmp_name(file: Path) -> Path:
+    """The hidden temporary name beside `file` that this process writes it under."""
+    return file.with_name(f".{file.name}.tmp{os.getpid()}")
+
+
+@contextmanager
+def disk_space(file: Path, needed: int | None = None):
+    """Turn a full disk while writing `file` into a DiskFullError naming it and the space it needed."""
     try:
-        write(tmp)
+        yield
+    except Exception as e:   # OSError from Python, SafetensorError from safetensors' writer
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+            raise
+        free = shutil.disk_usage(Path(file).parent).free if Path(file).parent.exists() else 0
+        what = f"{needed / 2**20:.1f} MiB" if needed is not None else "more space"
+        raise DiskFullError(errno.ENOSPC, f"{file}: no space left on the device to write it: it needs {what}, "
+                                          f"{free / 2**20:.1f} MiB are free; nothing under its name was changed") from None
+
+
+def atomic_write(file: Path, write, needed: int | None = None):
+    """Call write(tmp) on a temporary name beside `file`, then move it into place in one step, with the user's
+    umask. `needed` (bytes) is only for the message if the disk is full."""
+    file = Path(file)
+    tmp = tmp_name(file)
+    try:
+        with disk_space(file, needed):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def exit_on_input_errors(prog: str):
+    """Run an entry point: bad input, a missing file or a full disk ends it with one line on stderr, exit code 2."""
+    try:
+        yield
+    except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            DiskFullError) as e:
+        if rank_world()[0] == 0:
+            print(f"{prog}: error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from minseekr.runtime import InputError
+
 IGNORE = -100  # label of positions that carry no loss (cross_entropy's ignore_index)
 
 
@@ -47,7 +49,7 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except RuntimeError as e:
-            raise ValueError(f"{path} is not a SentencePiece model ({e})") from None
+            raise InputError(f"{path} is not a SentencePiece model ({e})") from None
         self.path = path
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -73,7 +75,7 @@ class Tokenizer:
         truncates BOS away and, on truncated samples, EOS too.)
         """
         if max_len < 2:
-            raise ValueError(f"max_len={max_len} leaves no room for BOS and EOS (need at least 2)")
+            raise InputError(f"max_len={max_len} leaves no room for BOS and EOS (need at least 2)")
         enc = self.sp.encode(prompt + answer, return_type="offset_mapping", return_bytes=True)
         ids, spans = enc["ids"], enc["offsets"]
         start = len(prompt.encode("utf-8"))

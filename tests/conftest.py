@@ -22,6 +22,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _on_the_cpu():
+    """Every test computes on the CPU, with or without a GPU present: the session's process group is gloo, so every
+    engine built in it defaults to the CPU. (Subprocess tests pass --device cpu; GPU-only tests skip.)"""
+    from minseekr.runtime import init_distributed
+    init_distributed("cpu")
+
+
 def tiny_run_inputs(root: Path, n_train: int, n_test: int):
     """A tiny HF checkpoint holding its tokenizer (root/model) and two synthetic tasks in TRACE's folder layout
     (root/data/{rev,rot}): what `train.py --model ... --data ... --order rev,rot` needs."""

@@ -21,12 +21,22 @@ def flags(setup, out, *extra):
     model_dir, data = setup
     return ["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--out", str(out), "--lr", "1e-3",
             "--batch-size", "8", "--max-len", "32", "--replay-ratio", "0.25", "--layer-budget", "1", "--head-budget",
-            "2", "--query-budget", "4", "--max-new-tokens", "8", "--threads", "1", *extra]
+            "2", "--query-budget", "4", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu", *extra]
 
 
 def cli(*argv, script="train.py"):
     return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+def refused(capsys, argv, script="train"):
+    """The one line an entry point prints for bad input (exit code 2, no traceback)."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_help_gives_every_flag_a_description_and_its_choices():
@@ -48,21 +58,20 @@ def test_a_misspelt_engine_is_refused_by_the_flag_and_by_the_library():
 
 
 @pytest.mark.parametrize("fsdp", ["minseekr", "torch"])
-def test_train_loads_through_the_checked_loader_on_both_engines(setup, tmp_path, fsdp):
+def test_train_loads_through_the_checked_loader_on_both_engines(setup, tmp_path, fsdp, capsys):
     """An extra tensor and an int8 weight are refused by name through train.py, as by load_hf."""
-    import train as train_cli
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     for f in setup[0].iterdir():
         (model_dir / f.name).write_bytes(f.read_bytes())
     tensors = load_file(model_dir / "model.safetensors")
     save_file({**tensors, "model.layers.9.mlp.up_proj.weight": torch.zeros(2)}, model_dir / "model.safetensors")
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.9.mlp.up_proj.weight'"):
-        train_cli.main(flags((model_dir, setup[1]), tmp_path / "run", "--fsdp", fsdp))
+    err = refused(capsys, flags((model_dir, setup[1]), tmp_path / "run", "--fsdp", fsdp))
+    assert "model.safetensors: unexpected tensor 'model.layers.9.mlp.up_proj.weight'" in err
     tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
     save_file(tensors, model_dir / "model.safetensors")
-    with pytest.raises(ValueError, match="tensor 'model.norm.weight' has dtype I8"):
-        train_cli.main(flags((model_dir, setup[1]), tmp_path / "run", "--fsdp", fsdp))
+    assert "tensor 'model.norm.weight' has dtype I8" in refused(capsys, flags((model_dir, setup[1]), tmp_path / "run",
+                                                                             "--fsdp", fsdp))
 
 
 def test_resume_refuses_flags_that_would_change_the_run_and_accepts_threads(setup, tmp_path, capsys):

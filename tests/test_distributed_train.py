@@ -22,7 +22,7 @@ def train(launcher, setup, out, *extra):
              "--order", "rev,rot", "--method", "seekr", "--out", str(out), "--epochs", "2", "--lr", "1e-3",
              "--batch-size", "6", "--grad-accum", "2", "--max-len", "32", "--replay-ratio", "0.25",
              "--layer-budget", "1", "--head-budget", "2", "--query-budget", "4", "--lambda2", "10",
-             "--eval-samples", "12", "--max-new-tokens", "8", "--threads", "1", *extra]
+             "--eval-samples", "12", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([*launcher, str(ROOT / "train.py"), *flags], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
