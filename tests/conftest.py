@@ -51,3 +51,14 @@ def tiny_run_inputs(root: Path, n_train: int, n_test: int):
         (data / name / "train.json").write_text(json.dumps(make_records(name, n_train, 0)))
         (data / name / "test.json").write_text(json.dumps(make_records(name, n_test, 1)))
     return model_dir, data
+
+
+def refused(capsys, argv, script="train"):
+    """The one line an entry point (train.py, eval.py) prints for bad input: exit code 2, no traceback."""
+    module = __import__(script)
+    capsys.readouterr()                          # what came before is not part of the answer
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err

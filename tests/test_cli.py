@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_run_inputs
+from conftest import ROOT, refused, tiny_run_inputs
 from minseekr.engine import build_engine
 from minseekr.model import ModelArgs, Transformer
 
@@ -27,16 +27,6 @@ def flags(setup, out, *extra):
 def cli(*argv, script="train.py"):
     return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-
-
-def refused(capsys, argv, script="train"):
-    """The one line an entry point prints for bad input (exit code 2, no traceback)."""
-    module = __import__(script)
-    with pytest.raises(SystemExit) as stop:
-        module.main(argv)
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_help_gives_every_flag_a_description_and_its_choices():

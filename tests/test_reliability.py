@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_run_inputs
+from conftest import ROOT, refused, tiny_run_inputs
 from minseekr import resume as resume_module
 from minseekr.buffer import TaskMemory
 from minseekr.checkpoint import load_hf
@@ -45,16 +45,6 @@ def flags(setup, out, *extra):
             "--batch-size", "8", "--max-len", "32", "--replay-ratio", "0.25", "--layer-budget", "1",
             "--head-budget", "2", "--query-budget", "4", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu",
             *extra]
-
-
-def refused(capsys, argv, script="train"):
-    """The one line an entry point prints for bad input (exit code 2, no traceback)."""
-    module = __import__(script)
-    with pytest.raises(SystemExit) as stop:
-        module.main(argv)
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def tiny_model(vocab):
