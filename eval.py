@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minseekr.checkpoint import load_hf
 from minseekr.config import METHODS, ContinualConfig, RunConfig, add_flags, from_flags, option, read_settings
-from minseekr.data import load_sequence, load_task, parse_order
+from minseekr.data import format_prompts, load_sequence, load_task, parse_order
 from minseekr.evaluation import evaluate
 from minseekr.metrics import delta_general_ability, format_matrix, format_summary, general_ability
 from minseekr.rundir import RunDir, summarize
@@ -29,7 +29,9 @@ from minseekr.tokenizer import Tokenizer, find_tokenizer
 @dataclass
 class EvalConfig:
     model: str = option("", "an HF checkpoint directory to score instead of a run")
-    tokenizer: str = option("", "tokenizer.model (default: MODEL/tokenizer.model)")
+    tokenizer: str = option("", "tokenizer.model or tokenizer.json (default: the one in MODEL)")
+    prompt_format: str = option("plain", "with --model: plain (TRACE's text) or chat (the model's chat template)",
+                                ("plain", "chat"))
     data: str = option("", "folder holding the task folders (with --model)")
     tasks: str = option("", "comma-separated task folders (with --model)")
     general: str = option("", "comma-separated general-ability task folders (GA before and after, ΔGA)")
@@ -47,6 +49,7 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
     for t in tasks:                     # the run's own test records (train.py --test-samples)
         t.test = t.test[:spec.test_samples or None]
     tok = Tokenizer(spec.tokenizer or find_tokenizer(spec.model))
+    format_prompts(tasks, spec.prompt_format, tok)
     samples = ns.samples or cfg.eval_samples
     prompt_len = ns.max_prompt_len or cfg.max_prompt_len
     new_tokens = ns.max_new_tokens or cfg.max_new_tokens
@@ -86,6 +89,7 @@ def evaluate_model(ns: EvalConfig):
     model = load_hf(ns.model)
     tok = Tokenizer(ns.tokenizer or find_tokenizer(ns.model))
     tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
+    format_prompts(tasks, ns.prompt_format, tok)
     scores = {t.name: evaluate(model, tok, t, ns.samples, ns.max_prompt_len or 1024, ns.max_new_tokens or 512,
                                progress=True) for t in tasks}
     for name, value in scores.items():

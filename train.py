@@ -21,7 +21,7 @@ from minseekr.checkpoint import read_args
 from minseekr.config import (METHODS, ContinualConfig, RunConfig, add_flags, from_flags, preset, read_settings,
                              resolve, typed_flags)
 from minseekr.continual import ContinualTrainer
-from minseekr.data import load_sequence, parse_order
+from minseekr.data import format_prompts, load_sequence, parse_order
 from minseekr.engine import load_engine
 from minseekr.metrics import format_matrix, format_summary
 from minseekr.rundir import RunDir
@@ -81,6 +81,7 @@ def train(argv):
     for t in tasks:
         t.train = t.train[:run.train_samples or None]
         t.test = t.test[:run.test_samples or None]
+    format_prompts(tasks, run.prompt_format, tok)
     if not run.resume:   # precedence: library defaults < the order's epochs < the preset < typed flags
         typed_cfg = from_flags(ContinualConfig, ns, typed)
         ratio = typed_cfg.get("replay_ratio", ContinualConfig.replay_ratio)

@@ -141,9 +141,11 @@ class ContinualConfig:
 class RunConfig:
     """train.py's own settings (run.json), beside the ContinualConfig of the run (config.json)."""
     model: str = option("", "HF checkpoint directory (config.json + safetensors); empty runs the demo")
-    tokenizer: str = option("", "SentencePiece tokenizer.model (default: MODEL/tokenizer.model)")
+    tokenizer: str = option("", "tokenizer.model (SentencePiece) or tokenizer.json (default: the one in MODEL)")
     data: str = option("", "folder holding the task folders")
     order: str = option("", "order1 | order2 | order3 | order4 (Table 5), or comma-separated task folder names")
+    prompt_format: str = option("plain", "plain: TRACE's prompt text; chat: it as a user turn of the model's chat "
+                                "template", ("plain", "chat"))
     out: str = option("runs/run", "run directory")
     preset: str = option("", "every setting as the paper (paper) or the authors' script (official) uses it; "
                          "typed flags still win", ("",) + PRESETS)
@@ -159,7 +161,7 @@ class RunConfig:
     train_samples: int = option(0, "first N training records per task (0 = all): quick runs", check=NONNEGATIVE)
     test_samples: int = option(0, "first N test records per task kept in the run (0 = all)", check=NONNEGATIVE)
     demo_seeds: str = option("0", "demo only: comma-separated seeds to repeat the comparison over")
-    demo_methods: str = option("seqft,replay,seekr", "demo only: the methods compared")
+    demo_methods: str = option("seqft,replay,derpp,seekr,mtl", "demo only: the methods compared")
 
     def __post_init__(self):
         validate(self)

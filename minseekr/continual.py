@@ -36,9 +36,11 @@ selection, position, bytes of metrics.jsonl), written every `checkpoint_every` o
 import json
 import math
 import random
+import shutil
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -374,6 +376,14 @@ class ContinualTrainer:
         self.memory_rows.append([memory.rows(i).numel() for i in range(len(memory))])
 
     # ---- checkpoints, evaluation, resume ----------------------------------------------------------------------
+    def export(self, path):
+        """θ as an HF directory that carries its tokenizer's files, so eval.py and the tools load it alone."""
+        export_hf(self.engine, path, dtype=self.engine.compute_dtype)
+        if self.rank == 0:
+            for file in self.tok.files:
+                atomic_write(Path(path) / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
+        barrier()
+
     def evaluate_checkpoint(self, path, tasks):
         """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
         model = load_hf(path, dtype=self.engine.compute_dtype, device=self.device)
@@ -440,13 +450,13 @@ class ContinualTrainer:
         n_tasks = len(self.tasks)
         at = self.restore() if resume else None
         if self.base is None:   # θ_0's zero-shot scores, for FWT
-            export_hf(self.engine, self.run.checkpoint(0), dtype=self.engine.compute_dtype)
+            self.export(self.run.checkpoint(0))
             self.base = self.evaluate_checkpoint(self.run.checkpoint(0), range(n_tasks))
         for s in range(at.task if at else 0, len(self.stages)):
             start = time.time()
             self.train_task(s, at if at and at.task == s else None)
             path = self.run.checkpoint(s + 1)
-            export_hf(self.engine, path, dtype=self.engine.compute_dtype)
+            self.export(path)
             seen = n_tasks if self.method.joint else min(s + 2, n_tasks)
             self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (n_tasks - seen))
             if self.rank == 0:

@@ -121,6 +121,14 @@ def _find_folder(root: Path, task: str) -> Path | None:
     return matches[0] if matches else None
 
 
+def format_prompts(tasks: list[Task], prompt_format: str, tokenizer) -> None:
+    """Rewrite every record's prompt as `--prompt-format` says: TRACE's text (plain) or the model's chat turn."""
+    if prompt_format == "chat":
+        for task in tasks:
+            for split in (task.train, task.eval, task.test):
+                split[:] = [{**r, "prompt": tokenizer.chat(r["prompt"])} for r in split]
+
+
 def parse_order(text: str):
     """A command line's --order: a named order ("order1".."order4") or comma-separated task folder names."""
     return text if text.startswith("order") and "," not in text else [t for t in text.split(",") if t]

@@ -13,13 +13,13 @@ def evaluate(model, tokenizer, task, samples=0, max_prompt_len=1024, max_new_tok
              progress=False) -> float:
     """Greedy KV-cache generation on the first `samples` test records (0 = all), scored by the task's metric (0-100).
 
-    As the official inference: prompts keep BOS and their newest `max_prompt_len` − 1 tokens, generation stops
-    at EOS or after `max_new_tokens`. Under torchrun every rank runs every world-th batch with its own copy of
+    As the official inference: prompts keep BOS (where the model uses one) and their newest tokens, at most
+    `max_prompt_len` in all; generation stops at EOS or after `max_new_tokens`. Under torchrun every rank runs every world-th batch with its own copy of
     the model; predictions are gathered. `progress` shows a bar over this rank's batches.
     """
     rank, world = rank_world()
     records = task.test[: samples or None]
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"], bos=False)[-(max_prompt_len - 1):] for r in records]
+    prompts = [tokenizer.prompt(r["prompt"], max_prompt_len) for r in records]
     starts = list(range(0, len(prompts), batch_size))
     mine = {}
     for s in tqdm(starts[rank::world], desc=f"eval {task.name}", leave=False, disable=not progress):

@@ -145,6 +145,18 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """A q or k projection's rows per head from Meta's interleaved RoPE pairs (2i, 2i+1) to HF's halves (i, i + D/2).
+
+    Meta's, llama2.c's and llama.cpp's (GGUF's) RoPE rotates consecutive pairs; HF and this model rotate the
+    two halves of each head. Reordering the rows gives the same rotation, hence the same attention.
+    """
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    w = w.reshape(n_heads, head_dim // 2, 2, in_dim)                                 # (H, D/2 pairs, 2, in)
+    return w.transpose(1, 2).reshape(out_dim, in_dim)                                # (H·2·D/2, in)
+
+
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -1,19 +1,23 @@
-"""LLaMA-2's SentencePiece tokenizer, and the TRACE training encoding built on it.
+"""Tokenizers: a SentencePiece `tokenizer.model` (LLaMA-2) or an HF `tokenizer.json` (byte-level BPE such as
+SmolLM2's), behind one interface, and the TRACE training encoding built on it.
 
-`Tokenizer` is a thin wrapper over `sentencepiece` that gives the ids Meta's and HF's slow
-`LlamaTokenizer` give (BOS prepended on request, no EOS unless asked).
+`Tokenizer(path)` reads either file (or finds one in a model directory). SentencePiece goes through the
+`sentencepiece` library and gives the ids Meta's and HF's slow `LlamaTokenizer` give; tokenizer.json goes
+through HF's `tokenizers` library (an optional dependency), with BOS, EOS, pad and the chat template read from
+the tokenizer_config.json beside it. `encode(text, bos=True)` starts a sequence as the model expects: LLaMA-2
+prepends BOS, SmolLM2 prepends nothing (its `add_bos_token` is false).
 
-`encode_example` is the TRACE/SEEKR training sample: BOS + prompt + answer + EOS, with the loss on
-the answer and EOS only. The official code tokenizes the joined text, then labels "the last
-len(tokenize(answer)) + 1 tokens", which is off by one wherever the answer tokenized alone differs
-from its share of the joint text: "Output: " + "1" is `▁Output : ▁ 1` but "1" alone is `▁ 1`
-(the prompt's space gets a label), "Output:" + "POS" is `▁Output : POS` but "POS" alone is
-`▁P OS` (the colon gets a label). Here the boundary comes from the joint tokenization itself:
-SentencePiece reports each piece's byte span in the input, and a piece belongs to the answer as
-soon as it covers one of the answer's bytes. A piece straddling the boundary ("Output: " + "POS"
-gives `▁P`, the prompt's last space plus the answer's "P") is therefore labelled, and the labelled
-tokens decode to exactly the answer.
+`encode_example` is the TRACE/SEEKR training sample: [BOS] + prompt + answer + EOS, with the loss on the
+answer and EOS only. The official code tokenizes the joined text, then labels "the last len(tokenize(answer))
++ 1 tokens", which is off by one wherever the answer tokenized alone differs from its share of the joint text:
+"Output: " + "1" is `▁Output : ▁ 1` but "1" alone is `▁ 1` (the prompt's space gets a label), "Output:" + "POS"
+is `▁Output : POS` but "POS" alone is `▁P OS` (the colon gets a label). Here the boundary comes from the joint
+tokenization itself: both libraries report each token's span in the input (bytes for SentencePiece,
+characters for tokenizers), and a token belongs to the answer as soon as it covers a piece of it. A token
+straddling the boundary ("Output: " + "POS" gives `▁P`, the prompt's last space plus the answer's "P") is
+therefore labelled, and the labelled tokens decode to exactly the answer.
 """
+import json
 from pathlib import Path
 
 import sentencepiece as spm
@@ -21,70 +25,138 @@ import sentencepiece as spm
 from minseekr.runtime import InputError
 
 IGNORE = -100  # label of positions that carry no loss (cross_entropy's ignore_index)
+FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def find_tokenizer(model_dir) -> Path:
-    """The tokenizer file a model directory holds: its SentencePiece `tokenizer.model`."""
-    path = Path(model_dir) / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} holds no tokenizer.model; pass --tokenizer FILE")
-    return path
+    """The tokenizer file a model directory holds: tokenizer.model (SentencePiece) or tokenizer.json."""
+    for name in FILES:
+        if (Path(model_dir) / name).is_file():
+            return Path(model_dir) / name
+    raise FileNotFoundError(f"{model_dir} holds neither {' nor '.join(FILES)}; pass --tokenizer FILE")
 
 
 class Tokenizer:
-    """SentencePiece model with LLaMA-2's conventions.
+    """One interface over SentencePiece and HF tokenizers: ids, text, special ids, the training encoding.
 
-    LLaMA-2 has no pad token. `pad_id` is the model's own pad piece when it has one, otherwise
-    unk (0), as in the official SEEKR code (`pad = unk`). Any id is safe: padded positions are
-    masked out of attention (a padded query row attends to itself only) and carry label -100, so
-    their embedding never reaches a real token or the loss. unk is the natural choice because
-    LLaMA-2's byte fallback never produces it from text, so `decode` can drop it with the other
-    specials without losing anything.
+    LLaMA-2 has no pad token: `pad_id` is the model's own pad when it has one, otherwise unk (0), as in the
+    official SEEKR code (`pad = unk`). Any id is safe: padded positions are masked out of attention and carry
+    label -100, so their embedding never reaches a real token or the loss.
     """
 
     def __init__(self, path):
         path = Path(path)
+        if path.is_dir():
+            path = find_tokenizer(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+            raise FileNotFoundError(f"tokenizer {path} does not exist")
+        self.path = path
+        if path.suffix == ".json":
+            self._open_hf(path)
+        else:
+            self._open_sentencepiece(path)
+
+    def _open_sentencepiece(self, path):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except RuntimeError as e:
             raise InputError(f"{path} is not a SentencePiece model ({e})") from None
-        self.path = path
+        self.hf, self.files, self.add_bos, self.chat_template = None, [path], True, ""
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
         self._special = {i for i in (self.bos_id, self.eos_id, self.pad_id, self.sp.unk_id()) if i >= 0}
 
+    def _open_hf(self, path):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise InputError(f"{path}: reading tokenizer.json needs the tokenizers package "
+                             f"(pip install tokenizers)") from None
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as e:   # tokenizers raises plain Exceptions for malformed files
+            raise InputError(f"{path} is not an HF tokenizer.json ({e})") from None
+        config_path = path.with_name("tokenizer_config.json")
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{config_path} is not valid JSON ({e})") from None
+        self.sp, self.files = None, [path] + ([config_path] if config_path.is_file() else [])
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+
+        def token_id(key):
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is None:
+                return None
+            if (i := self.hf.token_to_id(token)) is None:
+                raise InputError(f"{config_path}: {key} {token!r} is not a token of {path.name}")
+            return i
+
+        self.bos_id, self.eos_id = token_id("bos_token"), token_id("eos_token")
+        if self.eos_id is None:
+            raise InputError(f"{config_path}: no eos_token; the training encoding ends every sample with it")
+        self.pad_id = next(i for i in (token_id("pad_token"), token_id("unk_token"), self.eos_id) if i is not None)
+        self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id is not None
+        self.chat_template = config.get("chat_template") or ""
+        self._special = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+
+    def _ids_and_spans(self, text: str):
+        """Token ids of text (no specials) and each token's (start, end) span: bytes (SentencePiece) or chars."""
+        if self.sp is not None:
+            enc = self.sp.encode(text, return_type="offset_mapping", return_bytes=True)
+            return enc["ids"], enc["offsets"]
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of text, optionally with BOS before and EOS after."""
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        """Token ids of text, starting as the model's sequences start (BOS where it uses one), optionally with EOS."""
+        return [self.bos_id] * (bos and self.add_bos) + self._ids_and_spans(text)[0] + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         """Text of ids, skipping BOS, EOS, pad and unk."""
-        return self.sp.decode([int(i) for i in ids if int(i) not in self._special])
+        ids = [int(i) for i in ids if int(i) not in self._special]
+        return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids, skip_special_tokens=False)
+
+    def prompt(self, text: str, max_len: int) -> list[int]:
+        """A generation prompt: [BOS] + the newest tokens of text, at most max_len ids in all."""
+        ids = self.encode(text, bos=False)
+        head = [self.bos_id] if self.add_bos else []
+        return head + ids[len(ids) - (max_len - len(head)):] if len(head) + len(ids) > max_len else head + ids
+
+    def chat(self, prompt: str) -> str:
+        """The prompt as one user turn of the model's chat template, ready for the assistant's answer."""
+        if not self.chat_template:
+            raise InputError(f"{self.path}: the tokenizer has no chat template (--prompt-format chat needs one)")
+        try:
+            import jinja2
+        except ImportError:
+            raise InputError("--prompt-format chat renders the chat template with jinja2 (pip install jinja2)") \
+                from None
+        return jinja2.Template(self.chat_template).render(messages=[{"role": "user", "content": prompt}],
+                                                          add_generation_prompt=True)
 
     def encode_example(self, prompt: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:
-        """TRACE training sample: BOS + prompt + answer + EOS, labels on the answer and EOS only.
+        """TRACE training sample: [BOS] + prompt + answer + EOS, labels on the answer and EOS only.
 
         Both lists have the same length; `labels[i]` is `input_ids[i]` on answer and EOS
         positions and -100 elsewhere (the causal shift is the loss's business).
-        Left truncation keeps BOS and the newest `max_len - 1` tokens: the oldest prompt tokens go
-        first; only an answer that alone exceeds `max_len - 2` tokens loses its beginning too (its
-        labelled tokens then start right after BOS). EOS is always kept. (The official code
-        truncates BOS away and, on truncated samples, EOS too.)
+        Left truncation keeps BOS and the newest tokens: the oldest prompt tokens go first; only an
+        answer that alone exceeds the rest loses its beginning too. EOS is always kept. (The official
+        code truncates BOS away and, on truncated samples, EOS too.)
         """
-        if max_len < 2:
-            raise InputError(f"max_len={max_len} leaves no room for BOS and EOS (need at least 2)")
-        enc = self.sp.encode(prompt + answer, return_type="offset_mapping", return_bytes=True)
-        ids, spans = enc["ids"], enc["offsets"]
-        start = len(prompt.encode("utf-8"))
+        head = [self.bos_id] if self.add_bos else []
+        if max_len < len(head) + 1:
+            raise InputError(f"max_len={max_len} leaves no room for {'BOS and ' if head else ''}EOS")
+        ids, spans = self._ids_and_spans(prompt + answer)
+        start = len(prompt.encode("utf-8")) if self.sp is not None else len(prompt)
         # Byte-fallback pieces of a multi-byte character have empty spans at the character's
         # start, so an empty span at or after the prompt's end is the answer's as well.
         first = next((i for i, (b, e) in enumerate(spans) if e > start or b == e >= start), len(ids))
-        input_ids = [self.bos_id] + ids + [self.eos_id]
-        labels = [IGNORE] * (1 + first) + ids[first:] + [self.eos_id]
+        input_ids = head + ids + [self.eos_id]
+        labels = [IGNORE] * (len(head) + first) + ids[first:] + [self.eos_id]
         if len(input_ids) > max_len:
-            keep = max_len - 1
-            input_ids, labels = input_ids[:1] + input_ids[-keep:], labels[:1] + labels[-keep:]
+            keep = max_len - len(head)
+            input_ids, labels = head + input_ids[-keep:], [IGNORE] * len(head) + labels[-keep:]
         return input_ids, labels

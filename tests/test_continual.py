@@ -135,6 +135,13 @@ def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
     assert evaluated["OP"] == pytest.approx(trained["OP"])
     with pytest.raises(SystemExit, match="run.json not found"):
         eval_cli.main([str(tmp_path)])
+    # Each checkpoint carries its tokenizer: eval.py --model needs nothing else.
+    ckpt = run / "checkpoints" / "task02"
+    assert (ckpt / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()
+    eval_cli.main(["--model", str(ckpt), "--data", str(root), "--tasks", order, "--samples", "6",
+                   "--max-new-tokens", "4", "--out", str(tmp_path / "one.json")])
+    assert json.loads((tmp_path / "one.json").read_text())["scores"] == \
+        dict(zip(order.split(","), evaluated["R"][1]))
 
 
 def small_cfg(method, **kw):

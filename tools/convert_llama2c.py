@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from minseekr.checkpoint import save_hf
-from minseekr.model import ModelArgs, Transformer
+from minseekr.model import ModelArgs, Transformer, interleaved_to_half
 
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 NORM_EPS, ROPE_THETA = 1e-5, 10000.0  # hard-coded in llama2.c's run.c and model.py
@@ -71,14 +71,6 @@ def read_llama2c(path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
             and torch.allclose(raw["freq_cis_imag"], angles.sin(), atol=1e-4)):
         raise ValueError(f"{path}: stored RoPE tables are not those of base {ROPE_THETA}")
     return args, raw
-
-
-def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder each head's q/k rows from Meta's interleaved pairs (2i, 2i+1) to HF's halves (i, i + D/2)."""
-    out_dim, in_dim = w.shape
-    head_dim = out_dim // n_heads
-    w = w.view(n_heads, head_dim // 2, 2, in_dim)                                    # (H, D/2 pairs, 2, in)
-    return w.transpose(1, 2).reshape(out_dim, in_dim)                                # (H·2·D/2, in)
 
 
 def hf_state_dict(args: ModelArgs, raw: dict[str, torch.Tensor], permute: bool = True) -> dict[str, torch.Tensor]:
