@@ -161,7 +161,7 @@ class RunConfig:
     train_samples: int = option(0, "first N training records per task (0 = all): quick runs", check=NONNEGATIVE)
     test_samples: int = option(0, "first N test records per task kept in the run (0 = all)", check=NONNEGATIVE)
     demo_seeds: str = option("0", "demo only: comma-separated seeds to repeat the comparison over")
-    demo_methods: str = option("seqft,replay,derpp,seekr,mtl", "demo only: the methods compared")
+    demo_methods: str = option("seqft,replay,derpp,seekr", "demo only: the methods compared")
 
     def __post_init__(self):
         validate(self)

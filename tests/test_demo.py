@@ -14,11 +14,11 @@ from minseekr import demo
 
 EXPECTED = Path(__file__).parent / "expected" / "demo_quick.json"
 QUICK = dict(seeds=[0], methods=["seqft", "replay", "derpp", "seekr"], n_train=200, n_test=50,
-             base=dict(demo.BASE, samples=600, epochs=8), names=["rev", "rot"])
+             base=dict(demo.BASE, samples=600, epochs=8), names=["rot", "swp"])
 
 
 def test_the_cut_down_demo_prints_the_committed_numbers(tmp_path, capsys):
-    results = demo.run(tmp_path / "runs", QUICK["seeds"], QUICK["methods"], {"epochs": [6], "replay_ratio": 0.1},
+    results = demo.run(tmp_path / "runs", QUICK["seeds"], QUICK["methods"], {"epochs": [6]},
                        root=tmp_path, n_train=QUICK["n_train"], n_test=QUICK["n_test"], base=QUICK["base"],
                        names=QUICK["names"])
     printed = capsys.readouterr().out
