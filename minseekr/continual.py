@@ -38,7 +38,6 @@ import math
 import random
 import shutil
 import time
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -418,32 +417,10 @@ class ContinualTrainer:
                 f.truncate(state["metrics_bytes"])
         return at
 
-    @contextmanager
-    def claimed(self, resume):
-        """The run directory, claimed by rank 0 for the block (every rank stops if it cannot be); a new run's
-        settings are written into it once, a resumed run's are left as they are."""
-        claim, error = ExitStack(), None
-        if self.rank == 0:
-            try:
-                claim.enter_context(self.run.claim())
-                if not resume and self.run.config.exists():
-                    raise InputError(f"{self.run.root} already holds a run ({self.run.config.name}): continue it with "
-                                     f"--resume {self.run.root}, or give another --out")
-                if not resume:
-                    for file, settings in ((self.run.config, asdict(self.cfg)), (self.run.spec, self.spec)):
-                        if settings is not None:
-                            atomic_write(file, lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
-            except InputError as e:
-                claim.close()
-                error = str(e)
-        if error := first_error(error):
-            raise InputError(error)
-        with claim:
-            yield
-
     def run_all(self, resume=False):
         """Algorithm 1 over every task (or from the run's latest resume point); writes and returns results.json."""
-        with self.claimed(resume):
+        settings = {} if resume else {self.run.config: asdict(self.cfg), self.run.spec: self.spec}
+        with self.run.claimed(self.rank, resume, settings):
             return self._run_all(resume)
 
     def _run_all(self, resume):

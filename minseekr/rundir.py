@@ -16,15 +16,16 @@ claim also refuses symlinks anywhere inside the directory (the trainer would fol
 the temporary files that a killed process left behind.
 """
 import fcntl
+import json
 import os
 import re
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
-from minseekr.runtime import InputError
+from minseekr.runtime import InputError, atomic_write, first_error
 
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")   # runtime.atomic_write's and checkpoint.write_hf's names
 
@@ -49,6 +50,28 @@ class RunDir:
     def snapshot(self, task: int, rank: int) -> Path:
         """θ_{k−1}'s attention at R_k's rows for task k, this rank's share."""
         return self.root / "snapshots" / f"task{task:02d}-rank{rank:05d}.safetensors"
+
+    @contextmanager
+    def claimed(self, rank: int, resume: bool, settings: dict):
+        """The directory claimed by rank 0 for the block, every rank stopping together if it cannot be. A new run
+        (not `resume`) must find no earlier run in it and writes its `settings` ({file: dict or None}) once."""
+        claim, error = ExitStack(), None
+        if rank == 0:
+            try:
+                claim.enter_context(self.claim())
+                if not resume and self.config.exists():
+                    raise InputError(f"{self.root} already holds a run ({self.config.name}): continue it with "
+                                     f"--resume {self.root}, or give another --out")
+                for file, values in settings.items():
+                    if values is not None:
+                        atomic_write(file, lambda tmp, values=values: tmp.write_text(json.dumps(values, indent=1)))
+            except InputError as e:
+                claim.close()
+                error = str(e)
+        if error := first_error(error):
+            raise InputError(error)
+        with claim:
+            yield
 
     @contextmanager
     def claim(self):
