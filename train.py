@@ -25,7 +25,7 @@ from minseekr.data import format_prompts, load_sequence, parse_order
 from minseekr.engine import load_engine
 from minseekr.metrics import format_matrix, format_summary
 from minseekr.rundir import RunDir
-from minseekr.runtime import InputError, exit_on_input_errors, init_distributed, print0
+from minseekr.runtime import InputError, exit_on_input_errors, init_distributed, print0, shutdown
 from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
@@ -47,6 +47,7 @@ def resumed(run_dir: str, parser, typed: set):
 def main(argv=None):
     with exit_on_input_errors("train.py"):
         train(argv)
+        shutdown()
 
 
 def train(argv):

@@ -79,6 +79,14 @@ def _start_group(kwargs):
         dist.init_process_group(**kwargs, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def shutdown() -> None:
+    """End a torchrun job's process group together (every rank waits for the others first); a process group of one
+    that this process made for itself (no torchrun) stays up for later callers in the same process."""
+    if dist.is_initialized() and "RANK" in os.environ:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank_world() -> tuple[int, int]:
     """This process's rank and the world size ((0, 1) before any process group exists)."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from minseekr import demo
 
@@ -17,7 +18,16 @@ QUICK = dict(seeds=[0], methods=["seqft", "replay", "derpp", "seekr"], n_train=2
              base=dict(demo.BASE, samples=600, epochs=8), names=["rot", "swp"])
 
 
-def test_the_cut_down_demo_prints_the_committed_numbers(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """The demo computes on one thread (train.py sets it); another count sums in another order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_cut_down_demo_prints_the_committed_numbers(tmp_path, capsys, one_thread):
     results = demo.run(tmp_path / "runs", QUICK["seeds"], QUICK["methods"], {"epochs": [6]},
                        root=tmp_path, n_train=QUICK["n_train"], n_test=QUICK["n_test"], base=QUICK["base"],
                        names=QUICK["names"])
