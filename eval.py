@@ -10,14 +10,13 @@ inference. A run directory is one that `train.py --model ...` wrote (its run.jso
 order); it is scored on the test records the run itself scored, with its generation settings, unless a flag
 says otherwise. The built-in demo prints its own matrices.
 """
-import argparse
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from minseekr.checkpoint import load_hf
-from minseekr.config import METHODS, ContinualConfig, RunConfig, add_flags, from_flags, option, read_settings
+from minseekr.config import METHODS, ContinualConfig, RunConfig, from_flags, option, parser_for, read_settings
 from minseekr.data import format_prompts, load_sequence, load_task, parse_order
 from minseekr.evaluation import evaluate
 from minseekr.metrics import delta_general_ability, format_matrix, format_summary, general_ability
@@ -36,8 +35,8 @@ class EvalConfig:
     tasks: str = option("", "comma-separated task folders (with --model)")
     general: str = option("", "comma-separated general-ability task folders (GA before and after, ΔGA)")
     samples: int = option(0, "test records per task (0: the run's, or all)")
-    max_prompt_len: int = option(0, "prompt tokens kept (0: the run's, or 1024)")
-    max_new_tokens: int = option(0, "generation length (0: the run's, or 512)")
+    max_prompt_len: int = option(0, f"prompt tokens kept (0: the run's, or {ContinualConfig.max_prompt_len})")
+    max_new_tokens: int = option(0, f"generation length (0: the run's, or {ContinualConfig.max_new_tokens})")
     out: str = option("", "JSON file for the results (default: RUN/eval.json, or eval.json)")
 
 
@@ -75,6 +74,7 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
     print(format_summary(out))
     if ns.general:
         general = [load_task(f) for f in ns.general.split(",")]
+        format_prompts(general, spec.prompt_format, tok)   # scored as the run's own tasks are
         before = {t.name: score(base_model, t) for t in general}
         after = {t.name: score(model, t) for t in general}
         out.update(GA_before=general_ability(before), GA_after=general_ability(after),
@@ -86,12 +86,14 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
 def evaluate_model(ns: EvalConfig):
     if not ns.data or not ns.tasks:
         sys.exit("eval.py: --model needs --data ROOT and --tasks a,b,...")
+    if ns.general:
+        sys.exit("eval.py: --general compares a run's θ_0 with its last model: give RUN_DIR, not --model")
     model = load_hf(ns.model)
     tok = Tokenizer(ns.tokenizer or find_tokenizer(ns.model))
     tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
     format_prompts(tasks, ns.prompt_format, tok)
-    scores = {t.name: evaluate(model, tok, t, ns.samples, ns.max_prompt_len or 1024, ns.max_new_tokens or 512,
-                               progress=True) for t in tasks}
+    scores = {t.name: evaluate(model, tok, t, ns.samples, ns.max_prompt_len or ContinualConfig.max_prompt_len,
+                               ns.max_new_tokens or ContinualConfig.max_new_tokens, progress=True) for t in tasks}
     for name, value in scores.items():
         print(f"{name}: {value:.2f}")
     return {"model": ns.model, "scores": scores}
@@ -103,9 +105,8 @@ def main(argv=None):
 
 
 def evaluate_cli(argv):
-    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for("eval.py", __doc__, EvalConfig)
     parser.add_argument("run", nargs="?", help="a run directory written by train.py")
-    add_flags(parser, EvalConfig)
     ns = parser.parse_args(argv)
     cfg = from_flags(EvalConfig, ns)
     if bool(ns.run) == bool(cfg.model):

@@ -6,10 +6,9 @@
     python train.py --resume runs/superni-seekr              # continue after a crash, from the latest resume point
 
 Every field of `RunConfig` and `ContinualConfig` (minseekr/config.py) is a --flag. Settings resolve
-in one order: the library's defaults, then the order's epochs (Appendix B), then --preset, then the demo's
-settings, then the flags typed here. The resolved settings are written into the run directory.
+in one order: the library's defaults, then the order's epochs (Appendix B), then --preset, then the flags typed
+here (the demo: its own settings, then the typed flags). The resolved settings are written into the run directory.
 """
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from minseekr import demo
 from minseekr.checkpoint import read_args
-from minseekr.config import (METHODS, ContinualConfig, RunConfig, add_flags, from_flags, preset, read_settings,
+from minseekr.config import (METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset, read_settings,
                              resolve, typed_flags)
 from minseekr.continual import ContinualTrainer
 from minseekr.data import format_prompts, load_sequence, parse_order
@@ -51,10 +50,7 @@ def main(argv=None):
 
 
 def train(argv):
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, RunConfig)
-    add_flags(parser, ContinualConfig)
+    parser = parser_for("train.py", __doc__, RunConfig, ContinualConfig)
     argv = sys.argv[1:] if argv is None else argv
     ns = parser.parse_args(argv)
     typed = typed_flags(argv)
@@ -67,7 +63,7 @@ def train(argv):
         # The demo's model is tiny: one thread beats several (and several fight over a shared CPU).
         torch.set_num_threads(run.threads or 1)
         demo.run(Path(run.out), [int(s) for s in run.demo_seeds.split(",")], run.demo_methods.split(","),
-                 from_flags(ContinualConfig, ns, typed), run.fsdp, Path(__file__).parent)
+                 from_flags(ContinualConfig, ns, typed), run.fsdp, Path(__file__).parent, device=run.device or "cpu")
         return
     torch.set_num_threads(run.threads or torch.get_num_threads())
     run.threads = torch.get_num_threads()   # recorded: a resumed run computes with the same count, bit for bit

@@ -108,11 +108,12 @@ class TaskMemory:
     """Read-only, memory-mapped view of one task's stored samples, attention rows dense again.
 
     Opening checks the task against its manifest and, given the model's `args`, against the model: the file's
-    checksum, its own copy of the manifest (heads, sample count, lengths), each sample's presence, and heads and
-    vocabulary that fit the model. Any mismatch is an InputError naming the file.
+    checksum (a full read: `checksum=False` skips it where another rank does it), its own copy of the manifest
+    (heads, sample count, lengths), each sample's presence, and heads and vocabulary that fit the model. Any
+    mismatch is an InputError naming the file.
     """
 
-    def __init__(self, root, k: int, args=None):
+    def __init__(self, root, k: int, args=None, checksum: bool = True):
         root = Path(root)
         manifest_path = root / f"task{k:02d}.json"
         self.path = root / f"task{k:02d}.safetensors"
@@ -122,12 +123,12 @@ class TaskMemory:
         try:
             self.manifest = json.loads(manifest_path.read_text())
             described = {key: self.manifest[key] for key in ("name", "heads", "n_samples", "lengths", "rows", "bytes")}
-            checksum = self.manifest["sha256"]
+            expected_sha = self.manifest["sha256"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{manifest_path} is not a buffer manifest ({e!r})") from None
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: task {k}'s replay samples are missing (its manifest is there)")
-        if _sha256(self.path) != checksum:
+        if checksum and _sha256(self.path) != expected_sha:
             raise InputError(f"{self.path} does not match the checksum in {manifest_path.name}: the file is damaged")
         try:
             self._file = safe_open(str(self.path), "pt")

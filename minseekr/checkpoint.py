@@ -230,12 +230,11 @@ def write_hf(args: ModelArgs, tensors, path, max_shard_size="5GB", dtype=torch.f
     """Stream `tensors`, (HF name, full tensor) pairs, into an HF checkpoint directory for `args`.
 
     Each tensor is cast and moved to the CPU as it comes, so at most one shard is held. With `write` false the
-    stream is drained and nothing is written: the ranks of an engine that are not rank 0.
+    stream is drained and nothing is written: the ranks of an engine that are not rank 0. A failed write (a full
+    disk) still drains the stream, whose every step is a collective of all ranks, before it raises.
     """
     _check_dtype(dtype)
     path, limit = Path(path), parse_size(max_shard_size)
-    if write:
-        path.mkdir(parents=True, exist_ok=True)
     shards, current, size, total = [], {}, 0, 0
 
     def flush():
@@ -247,15 +246,22 @@ def write_hf(args: ModelArgs, tensors, path, max_shard_size="5GB", dtype=torch.f
         current.clear()
 
     try:
+        failure = None
         for name, t in tensors:
-            if not write:
+            if not write or failure is not None:
                 continue
-            nbytes = t.numel() * dtype.itemsize
-            if current and size + nbytes > limit:
-                flush()
-                size = 0
-            current[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
-            size, total = size + nbytes, total + nbytes
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                nbytes = t.numel() * dtype.itemsize
+                if current and size + nbytes > limit:
+                    flush()
+                    size = 0
+                current[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
+                size, total = size + nbytes, total + nbytes
+            except OSError as e:
+                failure = e
+        if failure is not None:
+            raise failure
         if not write:
             return
         flush()

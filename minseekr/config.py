@@ -4,7 +4,8 @@ Defaults are the paper's (Sec. 4.1, Appendix B, the equations as written). Each 
 chooses differently is one field away, named after what it does; `--preset official` sets them all. A field's
 `help` and `choices` become its flag's help text and allowed values (`add_flags`), so every entry point's
 dataclass is its command line. Settings resolve in one visible order (`resolve`): the library's defaults, then
-the task order's epochs, then a preset, then the demo's settings, then the flags typed on the command line.
+the task order's epochs, then a preset, then the flags typed on the command line (the demo: the library's
+defaults, its own settings, the typed flags).
 """
 import argparse
 import dataclasses
@@ -204,8 +205,9 @@ def preset(name: str, replay_ratio: float, n_layers: int) -> dict:
 
 
 def resolve(*layers: dict) -> ContinualConfig:
-    """ContinualConfig from its defaults overridden by each layer in turn (later wins): in train.py the order's
-    epochs, then the preset, then the demo's settings, then the flags typed on the command line."""
+    """ContinualConfig from its defaults overridden by each layer in turn (later wins): for a run of train.py the
+    order's epochs, then the preset, then the flags typed on the command line; for the demo its own settings,
+    then the typed flags."""
     merged = {}
     for layer in layers:
         merged.update(layer)
@@ -225,11 +227,26 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, default=default, help=help, metavar="A,B,...",
                                 type=lambda s, kind=kind: [kind(x) for x in s.split(",")])
         elif isinstance(default, bool):
-            parser.add_argument(flag, default=default, help=help, choices=(True, False),
-                                type=lambda s: s.lower() in ("1", "true", "yes"))
+            parser.add_argument(flag, default=default, help=help, metavar="{true,false}", type=_boolean)
         else:
             parser.add_argument(flag, default=default, type=type(default), help=help,
                                 choices=[c for c in choices if c] if choices else None)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
+def parser_for(prog: str, doc: str, *classes) -> argparse.ArgumentParser:
+    """An entry point's parser: every field of `classes` a flag, no abbreviations (a typed flag is named in full,
+    so that it can win over the presets and be refused on --resume)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in classes:
+        add_flags(parser, cls)
+    return parser
 
 
 def typed_flags(argv) -> set:

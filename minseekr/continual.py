@@ -56,10 +56,10 @@ from minseekr.engine import build_engine, export_hf, load_engine
 from minseekr.evaluation import evaluate
 from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
 from minseekr.model import Transformer, token_losses
-from minseekr.resume import META, Position, latest_point, load_sharded, write_point
+from minseekr.resume import LATEST, META, Position, latest_point, load_sharded, write_point
 from minseekr.rundir import RunDir, summarize
-from minseekr.runtime import (InputError, NonFiniteError, all_reduce, atomic_write, barrier, disk_space, first_error,
-                              gather)
+from minseekr.runtime import (InputError, NonFiniteError, all_reduce, atomic_write, disk_space, first_error, gather,
+                              together)
 
 
 class ContinualTrainer:
@@ -81,6 +81,9 @@ class ContinualTrainer:
         if self.method.distils_attention:   # fail before training, not after the first task
             heads.select_heads(torch.ones(args.n_layers, args.n_heads), cfg.layer_budget, cfg.head_budget)
         self.stages = [list(range(len(tasks)))] if self.method.joint else [[k] for k in range(len(tasks))]
+        if len(cfg.epochs) not in (1, len(tasks)):
+            raise InputError(f"--epochs needs one value or one per task ({len(tasks)}), got {len(cfg.epochs)}: "
+                             f"{','.join(map(str, cfg.epochs))}")
         if self.method.replays:
             for task in tasks[:-1]:   # the last task's R_k is never replayed
                 if round(cfg.replay_ratio * len(task.train)) == 0:
@@ -281,25 +284,32 @@ class ContinualTrainer:
         return self.method.distils_attention and self.cfg.head_score in ("both", "forgettability")
 
     def attention_snapshot(self, s, batches, fresh):
-        """θ_{k−1}'s attention at R_k's rows, every head, in bf16 on disk (this rank's share); memory-mapped."""
+        """θ_{k−1}'s attention at R_k's rows, every head, in bf16 on disk (this rank's share), one file per batch
+        written as it is computed, so R_k is never held whole; returns `before(i)`, batch i's maps."""
         if not batches or not self.needs_forgettability():
             return None
-        path = self.run.snapshot(s, self.rank)
-        if not fresh and not path.exists():
-            raise FileNotFoundError(
-                f"{path}: θ_{{k−1}}'s attention on R_k for task {s} ({self.tasks[s].name}) is missing, and this resume "
-                f"point is inside the task: forgettability (Eq. 9) cannot be rebuilt from partly trained weights. "
-                f"Restore the file, or start the run again")
-        if fresh:
-            maps = {str(b): heads.attention_at_rows(self.model, [batch], [batch["rows"]])[0].to("cpu", torch.bfloat16)
-                    for b, (batch, _, _) in enumerate(batches)}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: save_file(maps, str(tmp)))
-        try:
-            return safe_open(str(path), "pt")
-        except SafetensorError as e:
-            raise InputError(f"{path}: θ_{{k−1}}'s attention snapshot cannot be read ({e}); restore it, or start the "
-                             f"run again") from None
+        folder = self.run.snapshot(s, self.rank)
+        with together():   # each rank has its own snapshot: every rank stops if one cannot write or find it
+            if not fresh and not folder.is_dir():
+                raise FileNotFoundError(
+                    f"{folder}: θ_{{k−1}}'s attention on R_k for task {s} ({self.tasks[s].name}) is missing, and this "
+                    f"resume point is inside the task: forgettability (Eq. 9) cannot be rebuilt from partly trained "
+                    f"weights. Restore it, or start the run again")
+            if fresh:
+                folder.mkdir(parents=True, exist_ok=True)
+                for b, (batch, _, _) in enumerate(batches):
+                    maps = {"attn": heads.attention_at_rows(self.model, [batch], [batch["rows"]])[0].to("cpu", torch.bfloat16)}
+                    atomic_write(folder / f"batch{b:05d}.safetensors", lambda tmp, maps=maps: save_file(maps, str(tmp)))
+
+        def before(i):
+            file = folder / f"batch{i:05d}.safetensors"
+            try:
+                with safe_open(str(file), "pt") as f:
+                    return f.get_tensor("attn")
+            except (SafetensorError, OSError) as e:
+                raise InputError(f"{file}: θ_{{k−1}}'s attention snapshot cannot be read ({e}); restore it, or start "
+                                 f"the run again") from None
+        return before
 
     def load_teacher(self, s):
         """LwF's θ_{k−1}: a frozen hand-sharded copy of the previous task's export (none before task 2)."""
@@ -330,7 +340,7 @@ class ContinualTrainer:
                                                               norm=cfg.sensitivity_norm), n)
                                       for b, _, n in batches]).cpu()
         if before is not None:
-            F = self.mean_over_ranks([(heads.attention_change([before.get_tensor(str(i))], self.model, [b], [b["rows"]],
+            F = self.mean_over_ranks([(heads.attention_change([before(i)], self.model, [b], [b["rows"]],
                                                               norm=cfg.forgettability_norm), n)
                                       for i, (b, _, n) in enumerate(batches)]).cpu()
         self.scores.add_task(self.tasks[s].name, S, F)
@@ -361,15 +371,16 @@ class ContinualTrainer:
         if bad := first_error(bad):
             raise NonFiniteError(f"task {s} ({self.tasks[s].name}): θ_k's {bad} holds NaN or infinite values; "
                                  f"its buffer was not written")
-        everyone = gather(mine)
-        if self.rank == 0:
-            ordered = sorted((pair for part in everyone for pair in part), key=lambda pair: pair[0])
-            write_task(self.run.buffer, s, self.tasks[s].name, [sig for _, sig in ordered], stored)
-        barrier()
+        everyone = gather(mine, dst=0)   # rank 0 alone receives the signals it writes
+        with together():
+            if self.rank == 0:
+                ordered = sorted((pair for part in everyone for pair in part), key=lambda pair: pair[0])
+                write_task(self.run.buffer, s, self.tasks[s].name, [sig for _, sig in ordered], stored)
         self.open_memory(s)
 
     def open_memory(self, s):
-        memory = TaskMemory(self.run.buffer, s, self.model.args)
+        with together():   # rank 0 checks the file's checksum; every rank checks the manifest and the model
+            memory = TaskMemory(self.run.buffer, s, self.model.args, checksum=self.rank == 0)
         self.memories.append(memory)
         self.memory_tokens.append([n_labels(memory.labels(i)) for i in range(len(memory))])
         self.memory_rows.append([memory.rows(i).numel() for i in range(len(memory))])
@@ -377,11 +388,11 @@ class ContinualTrainer:
     # ---- checkpoints, evaluation, resume ----------------------------------------------------------------------
     def export(self, path):
         """θ as an HF directory that carries its tokenizer's files, so eval.py and the tools load it alone."""
-        export_hf(self.engine, path, dtype=self.engine.compute_dtype)
-        if self.rank == 0:
-            for file in self.tok.files:
-                atomic_write(Path(path) / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
-        barrier()
+        with together():
+            export_hf(self.engine, path, dtype=self.engine.compute_dtype)
+            if self.rank == 0:
+                for file in self.tok.files:
+                    atomic_write(Path(path) / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
 
     def evaluate_checkpoint(self, path, tasks):
         """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
@@ -395,14 +406,22 @@ class ContinualTrainer:
         extra = (lambda path: self.ewc.save(path / f"ewc-rank{self.rank:05d}.safetensors")) if self.ewc else None
         write_point(self.run.resume, position, self.engine, state, extra)
 
-    def restore(self) -> Position:
-        """Load the latest resume point; returns its position."""
+    def restore(self) -> Position | None:
+        """Load the latest resume point and return its position; None if the run stopped before writing one (its
+        log is emptied and it starts over from θ_0 with its own settings)."""
+        if not self.run.config.is_file():
+            raise InputError(f"{self.run.root} holds no run to resume ({self.run.config.name} not found)")
+        if not (self.run.resume / LATEST).is_file():
+            if self.rank == 0 and self.run.metrics.exists():
+                self.run.metrics.unlink()
+            return None
         path = latest_point(self.run.resume)
-        state = load_sharded(self.engine, path)
+        with together():   # each rank reads its own files: every rank stops if one cannot
+            state = load_sharded(self.engine, path)
+            if self.ewc:
+                self.ewc.load(path / f"ewc-rank{self.rank:05d}.safetensors", self.device)
         if missing := [key for key in META if key not in state]:
             raise InputError(f"{path / 'manifest.json'}: the trainer's state lacks {', '.join(missing)}")
-        if self.ewc:
-            self.ewc.load(path / f"ewc-rank{self.rank:05d}.safetensors", self.device)
         at = Position(state["task"], state["epoch"], state["micro"], state["step"])
         self.R, self.base, self.selected = state["R"], state["base"], [tuple(h) for h in state["heads"]]
         if self.run.head_scores.exists():   # may hold the unfinished task's scores too: keep the finished tasks'
@@ -425,7 +444,7 @@ class ContinualTrainer:
 
     def _run_all(self, resume):
         n_tasks = len(self.tasks)
-        at = self.restore() if resume else None
+        at = self.restore() if resume else None   # None: a run stopped before its first resume point starts over
         if self.base is None:   # θ_0's zero-shot scores, for FWT
             self.export(self.run.checkpoint(0))
             self.base = self.evaluate_checkpoint(self.run.checkpoint(0), range(n_tasks))
@@ -440,7 +459,7 @@ class ContinualTrainer:
                 self.log({"task": s, "name": "mtl" if self.method.joint else self.tasks[s].name,
                           "scores": self.R[s][:seen], "heads": self.selected, "seconds": round(time.time() - start, 1)})
             self.save_resume(Position(s + 1))
-            self.run.snapshot(s, self.rank).unlink(missing_ok=True)   # needed until this resume point exists
+            shutil.rmtree(self.run.snapshot(s, self.rank), ignore_errors=True)   # needed until this point exists
         summary = summarize(self.R, self.base, [t.name for t in self.tasks], self.cfg.method, self.method.joint,
                             self.selected, self.run.root)
         if self.rank == 0:

@@ -189,8 +189,8 @@ def extract_answer(text: str, task: str | None = None) -> str:
     3. else if "\\nAnswer:", "\\n回答:" or "\\n答案:" occurs (tried in that order), the text after its first
        occurrence, up to a second one if any;
     4. stripped of surrounding whitespace;
-    5. for multiple-choice tasks (scored by first-character accuracy: C-STANCE, FOMC, ScienceQA), only the
-       first character.
+    5. for multiple-choice tasks (C-STANCE and FOMC, scored by first-character accuracy; ScienceQA, whose
+       reference is also cut to its letter), only the first character.
     An empty answer stays "" (the official code writes " " here; `metrics.score` scores a blank as " ").
     """
     text = text.replace("：", ":")

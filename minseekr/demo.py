@@ -26,7 +26,7 @@ from minseekr.figures import draw
 from minseekr.heads import HeadScores
 from minseekr.metrics import format_matrix, format_summary
 from minseekr.model import ModelArgs, Transformer
-from minseekr.runtime import barrier, init_distributed, print0
+from minseekr.runtime import InputError, atomic_write, init_distributed, print0
 from minseekr.synthetic import make_records, train_tokenizer
 from minseekr.tokenizer import Tokenizer
 
@@ -42,19 +42,18 @@ SETTINGS = dict(lr=1e-3, weight_decay=0.0, batch_size=32, epochs=[10], max_len=3
 N_TRAIN, N_TEST = 500, 200
 
 
-def fingerprint(base: dict, model: dict) -> str:
-    """What θ_0 is a function of: its settings, the model's shape, the package's code and torch's version."""
-    digest = hashlib.sha256(json.dumps([base, model, torch.__version__], sort_keys=True).encode())
+def fingerprint(base: dict, model: dict, device: str) -> str:
+    """What θ_0 is a function of: its settings, the model's shape, the device, the package's code, torch's version."""
+    digest = hashlib.sha256(json.dumps([base, model, device, torch.__version__], sort_keys=True).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.name.encode() + source.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def base_model(weights: Path, base: dict = BASE, model: dict = MODEL):
+def base_model(weights: Path, base: dict = BASE, model: dict = MODEL, device: str = "cpu"):
     """θ_0 and its tokenizer, from weights/demo/base-<fingerprint>/ or built there (other fingerprints removed)."""
-    rank, _, _ = init_distributed()
-    folder = weights / f"base-{fingerprint(base, model)}"
-    if rank == 0 and not (folder / "config.json").is_file():
+    folder = weights / f"base-{fingerprint(base, model, device)}"
+    if not (folder / "config.json").is_file():
         print0(f"pre-training the demo's θ_0 on the copy task into {folder} ...")
         for stale in weights.glob("base-*"):
             shutil.rmtree(stale)
@@ -67,10 +66,10 @@ def base_model(weights: Path, base: dict = BASE, model: dict = MODEL):
         cfg = resolve(SETTINGS, {key: base[key] for key in ("lr", "batch_size", "seed")},
                       {"method": "seqft", "epochs": [base["epochs"]]})
         records = make_records(base["task"], base["samples"], seed=base["seed"])
-        trainer = ContinualTrainer(net, tok, [Task(base["task"], records)], cfg, folder / "pretraining")
+        engine = build_engine(net, device=torch.device(device), betas=cfg.betas, weight_decay=cfg.weight_decay)
+        trainer = ContinualTrainer(engine, tok, [Task(base["task"], records)], cfg, folder / "pretraining")
         trainer.train_task(0)
         export_hf(trainer.engine, folder, dtype=torch.float32)
-    barrier()
     return load_hf(folder), Tokenizer(folder / "tokenizer.model")
 
 
@@ -107,26 +106,28 @@ def table(results: dict) -> str:
 
 
 def run(out: Path, seeds: list[int], methods: list[str], typed: dict, fsdp="minseekr", root: Path = Path("."),
-        n_train: int = N_TRAIN, n_test: int = N_TEST, base: dict = BASE, names=TASKS):
-    """Every method on every seed from the same θ_0; prints each matrix, then the table; writes demo-summary.json."""
-    theta0, tok = base_model(root / "weights" / "demo", base)
+        n_train: int = N_TRAIN, n_test: int = N_TEST, base: dict = BASE, names=TASKS, device: str = "cpu"):
+    """Every method on every seed from the same θ_0, in one process on `device`; prints each matrix, then the
+    table; writes demo-summary.json."""
+    if init_distributed(device)[1] > 1:
+        raise InputError("the demo runs in one process: python train.py (not torchrun)")
+    theta0, tok = base_model(root / "weights" / "demo", base, device=device)
     results = {}
     for seed in seeds:
         tasks = demo_tasks(seed, n_train, n_test, names)
         for method in methods:
             cfg = resolve(SETTINGS, typed, {"method": method, "seed": seed})
             run_dir = Path(out) / f"demo-seed{seed}" / method
-            if init_distributed()[0] == 0:
-                shutil.rmtree(run_dir, ignore_errors=True)   # the demo's own output of an earlier invocation
-            engine = build_engine(copy.deepcopy(theta0), fsdp, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            shutil.rmtree(run_dir, ignore_errors=True)   # the demo's own output of an earlier invocation
+            engine = build_engine(copy.deepcopy(theta0), fsdp, device=torch.device(device), betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay)
             summary = ContinualTrainer(engine, tok, tasks, cfg, run_dir).run_all()
             results.setdefault(method, []).append({**summary, "seed": seed})
             print0(f"\n== {method} (seed {seed}): accuracy R[i][j] after task i on task j")
             print0(format_matrix(summary["R"], names, row_names=["all tasks"] if METHODS[method].joint else None))
             print0(format_summary(summary))
-            if summary["heads"] and engine.rank == 0:
+            if summary["heads"]:
                 draw_importance(run_dir, summary["heads"])
     print0(f"\n== OP and BWT (exact match, %) over seeds {','.join(map(str, seeds))}\n" + table(results))
-    if init_distributed()[0] == 0:
-        (Path(out) / "demo-summary.json").write_text(json.dumps(results, indent=1))
+    atomic_write(Path(out) / "demo-summary.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     return results

@@ -11,7 +11,7 @@ import torch
 from minseekr.checkpoint import HFCheckpoint, load_hf, meta_model, write_hf
 from minseekr.fsdp import FSDP
 from minseekr.fsdp_torch import TorchFSDP
-from minseekr.runtime import barrier, init_distributed
+from minseekr.runtime import init_distributed, together
 
 ENGINES = {"minseekr": FSDP, "torch": TorchFSDP}
 
@@ -45,6 +45,7 @@ def load_engine(path, kind="minseekr", *, frozen=False, **kwargs):
 
 
 def export_hf(engine, path, dtype=torch.bfloat16, max_shard_size="5GB"):
-    """The engine's weights as an HF directory: every rank gathers each unit in turn, rank 0 writes."""
-    write_hf(engine.model.args, engine.full_tensors(), path, max_shard_size, dtype, write=engine.rank == 0)
-    barrier()
+    """The engine's weights as an HF directory: every rank gathers each unit in turn, rank 0 writes (a failure
+    there, such as a full disk, stops every rank)."""
+    with together():
+        write_hf(engine.model.args, engine.full_tensors(), path, max_shard_size, dtype, write=engine.rank == 0)

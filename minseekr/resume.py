@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minseekr.runtime import InputError, NonFiniteError, atomic_write, barrier, first_error
+from minseekr.runtime import InputError, NonFiniteError, atomic_write, first_error, tmp_name, together
 
 LATEST = "latest.json"
 
@@ -51,17 +51,18 @@ def write_point(root, position: Position, engine, state: dict, extra=None) -> Pa
     if bad := first_error(bad):
         raise NonFiniteError(f"{path}: not written, {bad} holds NaN or infinite values; the resume point that "
                              f"{root / LATEST} names is kept")
-    save_sharded(engine, path, meta={**asdict(position), **state})
-    if extra is not None:
-        extra(path)
+    with together():   # a full disk on any rank stops every rank, the last good point still named
+        save_sharded(engine, path, meta={**asdict(position), **state})
+        if extra is not None:
+            extra(path)
     if error := first_error(_unreadable(path / f"rank{engine.rank:05d}.safetensors", engine.state_tensors())):
         raise InputError(f"{error}; the resume point that {root / LATEST} names is kept")
-    if engine.rank == 0:
-        atomic_write(root / LATEST, lambda tmp: tmp.write_text(json.dumps({"dir": position.tag})))
-        for old in root.iterdir():
-            if old.is_dir() and old.name != position.tag:
-                shutil.rmtree(old)
-    barrier()
+    with together():
+        if engine.rank == 0:
+            atomic_write(root / LATEST, lambda tmp: tmp.write_text(json.dumps({"dir": position.tag})))
+            for old in root.iterdir():
+                if old.is_dir() and old.name != position.tag:
+                    shutil.rmtree(old)
     return path
 
 
@@ -99,12 +100,13 @@ def save_sharded(engine, path, meta=None):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in engine.state_tensors().items()}
-    atomic_write(path / f"rank{engine.rank:05d}.safetensors", partial(save_file, tensors))
-    if engine.rank == 0:
-        manifest = {**engine.layout(), "step": engine.step, "betas": list(engine.betas), "eps": engine.eps,
-                    "weight_decay": engine.weight_decay, "model": asdict(engine.model.args), "meta": meta}
-        atomic_write(path / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-    barrier()
+    with together():
+        atomic_write(path / f"rank{engine.rank:05d}.safetensors", partial(save_file, tensors),
+                     needed=sum(t.nbytes for t in tensors.values()))
+        if engine.rank == 0:
+            manifest = {**engine.layout(), "step": engine.step, "betas": list(engine.betas), "eps": engine.eps,
+                        "weight_decay": engine.weight_decay, "model": asdict(engine.model.args), "meta": meta}
+            atomic_write(path / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
 
 @torch.no_grad()
@@ -157,7 +159,7 @@ def reshard_checkpoint(src, dst, world):
         raise FileExistsError(f"{dst} exists; reshard_checkpoint writes a new directory")
     old_world, units = manifest["world"], manifest["units"]
     numels = [sum(math.prod(s) for s in u["shapes"]) for u in units]
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp = tmp_name(dst)
     tmp.mkdir(parents=True)
     try:
         with contextlib.ExitStack() as stack:

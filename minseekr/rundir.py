@@ -3,7 +3,7 @@
     config.json                the resolved ContinualConfig          run.json    the entry point's own settings
     checkpoints/taskNN/        θ after NN tasks, HF format (task00 = θ_0)
     buffer/taskNN.{safetensors,json}   the memory buffer (buffer.py)
-    snapshots/taskNN-rankRRRRR.safetensors   θ_{k−1}'s attention on R_k until task k is done (forgettability)
+    snapshots/taskNN-rankRRRRR/batchBBBBB.safetensors   θ_{k−1}'s attention on R_k until task k is done
     head_scores.safetensors    per-task S^k and F^k (heads.HeadScores)
     metrics.jsonl              one line per optimiser step, one per finished task
     resume/latest.json, resume/<tag>/   the latest resume point (resume.py's format)
@@ -25,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
-from minseekr.runtime import InputError, atomic_write, first_error
+from minseekr.runtime import DiskFullError, InputError, atomic_write, first_error
 
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")   # runtime.atomic_write's and checkpoint.write_hf's names
 
@@ -48,8 +48,8 @@ class RunDir:
         return self.root / "checkpoints" / f"task{n_tasks:02d}"
 
     def snapshot(self, task: int, rank: int) -> Path:
-        """θ_{k−1}'s attention at R_k's rows for task k, this rank's share."""
-        return self.root / "snapshots" / f"task{task:02d}-rank{rank:05d}.safetensors"
+        """θ_{k−1}'s attention at R_k's rows for task k, this rank's share: a folder of one file per batch."""
+        return self.root / "snapshots" / f"task{task:02d}-rank{rank:05d}"
 
     @contextmanager
     def claimed(self, rank: int, resume: bool, settings: dict):
@@ -65,9 +65,9 @@ class RunDir:
                 for file, values in settings.items():
                     if values is not None:
                         atomic_write(file, lambda tmp, values=values: tmp.write_text(json.dumps(values, indent=1)))
-            except InputError as e:
+            except (InputError, OSError) as e:
                 claim.close()
-                error = str(e)
+                error = e.strerror if isinstance(e, DiskFullError) else str(e)
         if error := first_error(error):
             raise InputError(error)
         with claim:

@@ -110,18 +110,38 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
     return tensor
 
 
-def gather(obj) -> list:
-    """Every rank's `obj`, in rank order."""
+def gather(obj, dst: int | None = None) -> list | None:
+    """Every rank's `obj`, in rank order, on every rank, or on rank `dst` alone (None on the others)."""
     if not distributed():
         return [obj]
     out = [None] * rank_world()[1]
-    dist.all_gather_object(out, obj)
-    return out
+    if dst is None:
+        dist.all_gather_object(out, obj)
+        return out
+    dist.gather_object(obj, out if rank_world()[0] == dst else None, dst=dst)
+    return out if rank_world()[0] == dst else None
 
 
 def first_error(error: str | None) -> str | None:
     """The first rank's error message, on every rank (None when no rank has one): so that all stop together."""
     return next((e for e in gather(error) if e is not None), None)
+
+
+@contextmanager
+def together():
+    """A block that may fail on some ranks only (their own files, a full disk): once every rank has left it, an
+    error on any rank is raised on every rank, so that none waits in a collective for one that has stopped."""
+    error = None
+    try:
+        yield
+    except (InputError, OSError) as e:
+        error = e
+    text = None if error is None else error.strerror if isinstance(error, DiskFullError) else str(error)
+    message = first_error(text)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise InputError(message)
 
 
 def barrier():

@@ -130,12 +130,20 @@ class Tokenizer:
         if not self.chat_template:
             raise InputError(f"{self.path}: the tokenizer has no chat template (--prompt-format chat needs one)")
         try:
-            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             raise InputError("--prompt-format chat renders the chat template with jinja2 (pip install jinja2)") \
                 from None
-        return jinja2.Template(self.chat_template).render(messages=[{"role": "user", "content": prompt}],
-                                                          add_generation_prompt=True)
+
+        def refuse(message):
+            raise InputError(f"{self.path}: the chat template refuses the prompt: {message}")
+
+        # transformers' rendering: a sandbox, trimmed blocks, the special tokens and raise_exception in scope.
+        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+        special = {name: self.hf.id_to_token(i) if self.hf is not None else self.sp.id_to_piece(i)
+                   for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id)) if i is not None}
+        return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                               raise_exception=refuse, **special)
 
     def encode_example(self, prompt: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:
         """TRACE training sample: [BOS] + prompt + answer + EOS, labels on the answer and EOS only.

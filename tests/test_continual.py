@@ -188,10 +188,31 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkey
         assert torch.equal(p, q), name
 
 
-def test_resume_without_a_resume_point_names_the_file(toy, tmp_path):
+def test_resume_of_a_directory_without_a_run_names_the_file(toy, tmp_path):
     tok, tasks = toy
-    with pytest.raises(FileNotFoundError, match="latest.json: no resume point"):
+    with pytest.raises(ValueError, match="holds no run to resume .config.json not found"):
         ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seqft"), tmp_path).run_all(resume=True)
+
+
+def test_a_run_stopped_before_its_first_resume_point_resumes_from_the_start(toy, tmp_path, monkeypatch):
+    tok, tasks = toy
+    whole = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("replay"), tmp_path / "whole").run_all()
+    step = ContinualTrainer.optimizer_step
+
+    def crash_at_2nd(self):
+        if self.engine.step == 1:
+            raise RuntimeError("simulated crash")
+        return step(self)
+
+    monkeypatch.setattr(ContinualTrainer, "optimizer_step", crash_at_2nd)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("replay"), tmp_path / "cut").run_all()
+    monkeypatch.setattr(ContinualTrainer, "optimizer_step", step)
+    assert not (tmp_path / "cut" / "resume").exists() and (tmp_path / "cut" / "config.json").is_file()
+    resumed = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("replay"), tmp_path / "cut").run_all(
+        resume=True)
+    assert resumed.pop("run_dir").endswith("cut") and whole.pop("run_dir").endswith("whole")
+    assert resumed == whole and logged(tmp_path / "cut") == logged(tmp_path / "whole")
 
 
 def test_lwf_distils_the_previous_task_model_from_task_two_on(toy, tmp_path):

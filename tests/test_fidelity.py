@@ -1,5 +1,6 @@
 """The paper's equations by default, each official-code choice one option away, each checked independently."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -210,8 +211,9 @@ def test_a_missing_forgettability_snapshot_on_a_mid_task_resume_is_an_error(tok,
                          eval_fn=lambda model, task: 0.0).run_all()
     monkeypatch.setattr(ContinualTrainer, "optimizer_step", step)
     assert json.loads((tmp_path / "resume" / "latest.json").read_text())["dir"].startswith("task01-")
-    snapshot = tmp_path / "snapshots" / "task01-rank00000.safetensors"
-    snapshot.unlink()
-    with pytest.raises(FileNotFoundError, match="task01-rank00000.safetensors: θ_{k−1}'s attention .* missing"):
+    snapshot = tmp_path / "snapshots" / "task01-rank00000"
+    assert sorted(f.name for f in snapshot.iterdir()) == ["batch00000.safetensors", "batch00001.safetensors"]
+    shutil.rmtree(snapshot)
+    with pytest.raises(FileNotFoundError, match="task01-rank00000: θ_{k−1}'s attention .* missing"):
         ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, settings, tmp_path,
                          eval_fn=lambda model, task: 0.0).run_all(resume=True)

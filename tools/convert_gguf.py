@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from minseekr.checkpoint import save_hf
-from minseekr.model import ModelArgs, Transformer, interleaved_to_half
+from minseekr.checkpoint import write_hf
+from minseekr.model import ModelArgs, interleaved_to_half
 from minseekr.runtime import InputError, atomic_write
 
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -61,7 +61,7 @@ def model_args(reader) -> ModelArgs:
                      n_kv_heads=field(reader, "llama.attention.head_count_kv"),
                      vocab_size=len(field(reader, "tokenizer.ggml.tokens")),
                      hidden_dim=field(reader, "llama.feed_forward_length"),
-                     norm_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon")),
+                     norm_eps=float(f"{field(reader, 'llama.attention.layer_norm_rms_epsilon'):.7g}"),  # float32
                      rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),
                      max_seq_len=field(reader, "llama.context_length"),
                      tie_embeddings="output.weight" not in names,
@@ -128,8 +128,8 @@ def write_tokenizer(reader, out: Path) -> None:
     atomic_write(out / "tokenizer_config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
 
 
-def convert(src, dst, dtype=torch.float32) -> Transformer:
-    """The GGUF file at `src` as an HF directory at `dst`; returns the model."""
+def convert(src, dst, dtype=torch.float32):
+    """The GGUF file at `src` as an HF directory at `dst`; returns its ModelArgs and parameter count."""
     try:
         import gguf
     except ImportError:
@@ -139,15 +139,10 @@ def convert(src, dst, dtype=torch.float32) -> Transformer:
     except (OSError, ValueError) as e:
         raise InputError(f"{src} is not a readable GGUF file ({e})") from None
     args = model_args(reader)
-    model = Transformer(args)
     state = state_dict(reader, args)
-    if args.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
-    model.tie_weights()
-    save_hf(model, dst, dtype=dtype)
+    write_hf(args, state.items(), dst, dtype=dtype)
     write_tokenizer(reader, Path(dst))
-    return model.eval()
+    return args, sum(t.numel() for t in state.values())
 
 
 def main(argv=None):
@@ -157,10 +152,10 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     a = parser.parse_args(argv)
     try:
-        model = convert(a.src, a.dst, getattr(torch, a.dtype))
+        args, n_parameters = convert(a.src, a.dst, getattr(torch, a.dtype))
     except InputError as e:
         sys.exit(f"convert_gguf.py: error: {e}")
-    print(f"wrote {a.dst} ({sum(p.numel() for p in model.parameters())} parameters, {model.args})")
+    print(f"wrote {a.dst} ({n_parameters} parameters, {args})")
 
 
 if __name__ == "__main__":
