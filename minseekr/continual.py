@@ -85,8 +85,8 @@ class ContinualTrainer:
             raise InputError(f"--epochs needs one value or one per task ({len(tasks)}), got {len(cfg.epochs)}: "
                              f"{','.join(map(str, cfg.epochs))}")
         if self.method.replays:
-            for task in tasks[:-1]:   # the last task's R_k is never replayed
-                if round(cfg.replay_ratio * len(task.train)) == 0:
+            for s, task in enumerate(tasks[:-1]):   # the last task's R_k is never replayed
+                if self.replay_size(s) == 0:
                     raise InputError(f"--replay-ratio {cfg.replay_ratio} keeps round({cfg.replay_ratio} × "
                                      f"{len(task.train)}) = 0 samples of task {task.name} ({len(task.train)} training "
                                      f"samples), so --method {cfg.method} would replay nothing of it: use "
