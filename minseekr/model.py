@@ -13,7 +13,8 @@ Attention runs on `scaled_dot_product_attention`. Two ways out of it:
   (B, H_kv, S_kv, D) and per-head output `out = A·V` (B, H, S, D) before `o_proj`, all still in
   the autograd graph. A probe can therefore recompute selected attention rows from q and k
   (distillation, forgettability) or register a hook on `out` to read ∂L/∂O (sensitivity), while
-  the layer itself keeps SDPA and never materialises an S×S map it was not asked for.
+  the layer itself keeps SDPA and never materialises an S×S map it was not asked for. A probe that
+  returns a tensor replaces `out` with it (attention grafting, Fig. 1: `grafting.py`).
 
 Positions follow the padding mask: with `attention_mask` (1 = real token) the position of a token
 is the number of real tokens before it, so left- or right-padded batches give every real token the
@@ -208,8 +209,10 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)
-        if probe is not None:
-            probe(self.layer, q, k, v, out)
+        if probe is not None:   # a probe sees q, k, v and the heads' outputs; it may replace them (grafting.py)
+            replaced = probe(self.layer, q, k, v, out)
+            if replaced is not None:
+                out = replaced
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1)), probs
 
 
