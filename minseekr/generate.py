@@ -33,8 +33,9 @@ def next_token(logits, temperature: float = 0.0, top_p: float = 1.0, generator=N
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int | None = None,
              pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> list[list[int]]:
-    """The new tokens of each prompt, up to and including its first EOS, at most max_new_tokens."""
+             generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[int]]:
+    """The new tokens of each prompt, up to and including its first EOS, at most max_new_tokens; `prefix`
+    (B, n, dim): soft prompts before each prompt (and its padding), fed once (or every step without the cache)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     if max_new_tokens < 0:
@@ -43,33 +44,37 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
         raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1, got temperature={temperature}, top_p={top_p}")
     weight = model.model.embed_tokens.weight
     B, P = len(prompts), max(len(p) for p in prompts)      # P: the longest prompt
+    n = 0 if prefix is None else prefix.shape[1]            # the mask's first n columns: the soft prompts
+    if prefix is not None and prefix.shape[0] != B:
+        raise ValueError(f"prefix holds {prefix.shape[0]} sequences of soft prompts for {B} prompts")
     total = P + max_new_tokens
     tokens = torch.full((B, total), pad_id, dtype=torch.long, device=weight.device)
-    mask = torch.zeros(B, total, dtype=torch.long, device=weight.device)
+    mask = torch.zeros(B, n + total, dtype=torch.long, device=weight.device)
+    mask[:, :n] = 1
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):P] = 1
+        mask[i, n + P - len(p):n + P] = 1
     done = torch.zeros(B, dtype=torch.bool, device=weight.device)
-    cache = KVCache(model.args, B, total, dtype=weight.dtype, device=weight.device) if use_cache else None
+    cache = KVCache(model.args, B, n + total, dtype=weight.dtype, device=weight.device) if use_cache else None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             end = P
-            logits = model(tokens[:, :P], mask[:, :P], cache=cache)[:, -1]
+            logits = model(tokens[:, :P], mask[:, :n + P], cache=cache, prefix=prefix)[:, -1]
             for _ in range(max_new_tokens):
                 new = next_token(logits, temperature, top_p, generator)
                 tokens[:, end] = torch.where(done, pad_id, new)
-                mask[:, end] = (~done).long()
+                mask[:, n + end] = (~done).long()
                 if eos_id is not None:
                     done |= new == eos_id
                 end += 1
                 if done.all() or end == total:
                     break
                 if use_cache:
-                    logits = model(tokens[:, end - 1:end], mask[:, :end], cache=cache)[:, -1]
+                    logits = model(tokens[:, end - 1:end], mask[:, :n + end], cache=cache)[:, -1]
                 else:
-                    logits = model(tokens[:, :end], mask[:, :end])[:, -1]
+                    logits = model(tokens[:, :end], mask[:, :n + end], prefix=prefix)[:, -1]
     finally:
         model.train(was_training)
-    return [row[P:end][m[P:end].bool()].tolist() for row, m in zip(tokens, mask)]
+    return [row[P:end][m[n + P:n + end].bool()].tolist() for row, m in zip(tokens, mask)]

@@ -28,13 +28,13 @@ class Grafted(torch.nn.Module):
             self.heads.setdefault(layer, []).append(head)
         self.source_cache = None
 
-    def forward(self, tokens, attention_mask=None, *, cache: KVCache | None = None):
+    def forward(self, tokens, attention_mask=None, *, cache: KVCache | None = None, prefix=None):
         if cache is None:
             self.source_cache = None
         elif cache.pos == 0:   # a new prompt: source keeps its own keys and values in step with final's
             self.source_cache = KVCache(self.source.args, tokens.shape[0], cache.k.shape[3], cache.k.dtype,
                                         cache.k.device)
-        _, maps = self.source(tokens, attention_mask, cache=self.source_cache, return_attn=True)
+        _, maps = self.source(tokens, attention_mask, cache=self.source_cache, return_attn=True, prefix=prefix)
 
         def graft(layer, q, k, v, out):
             if layer not in self.heads:
@@ -45,4 +45,4 @@ class Grafted(torch.nn.Module):
             out[:, heads] = maps[layer][:, heads].to(values.dtype) @ values
             return out
 
-        return self.final(tokens, attention_mask, cache=cache, probe=graft)
+        return self.final(tokens, attention_mask, cache=cache, probe=graft, prefix=prefix)

@@ -274,12 +274,17 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def forward(self, tokens, attention_mask=None, *, cache: KVCache | None = None,
-                return_attn: bool = False, probe=None):
+                return_attn: bool = False, probe=None, prefix=None):
         """Logits (B, S, V) for tokens (B, S); with return_attn also a list of (B, H, S, Skv) maps.
 
-        `attention_mask` (B, Skv) marks real tokens with 1 and covers the cached prefix plus `tokens`.
+        `prefix` (B, P, dim): vectors placed before the tokens' embeddings (soft prompts), which then count in S:
+        they take the first positions and the logits' first P rows. `attention_mask` (B, Skv) marks real tokens
+        (and prefix vectors) with 1 and covers the cached prefix plus this call's inputs.
         """
-        B, S = tokens.shape
+        x = self.model.embed_tokens(tokens)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        B, S = x.shape[:2]
         start = cache.pos if cache is not None else 0
         device = tokens.device
         if attention_mask is None:
@@ -297,7 +302,6 @@ class Transformer(nn.Module):
             mask = (k_idx <= q_idx).expand(B, 1, S, start + S)                         # (B, 1, S, Skv)
             if key_valid is not None:
                 mask = (mask & key_valid[:, None, None, :]) | (k_idx == q_idx)
-        x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
         maps = []
         for block in self.model.layers:
