@@ -67,11 +67,11 @@ CONFIGS = {
     "replay": dict(method="replay"),
     "derpp": dict(method="derpp"),
     "seekr": dict(method="seekr"),
+    "mtl": dict(method="mtl"),
     "seekr-random": dict(method="seekr", head_score="random"),
     "seekr-sensitivity": dict(method="seekr", head_score="sensitivity"),
     "seekr-forgettability": dict(method="seekr", head_score="forgettability"),
     "replay-all": dict(method="replay", replay_ratio=1.0),
-    "mtl": dict(method="mtl"),
 }
 
 
