@@ -20,6 +20,7 @@ from minseekr.config import METHODS, ContinualConfig, RunConfig, from_flags, opt
 from minseekr.data import format_prompts, load_sequence, load_task, parse_order
 from minseekr.evaluation import evaluate
 from minseekr.metrics import delta_general_ability, format_matrix, format_summary, general_ability
+from minseekr.pet import attach_saved
 from minseekr.rundir import RunDir, summarize
 from minseekr.runtime import atomic_write, exit_on_input_errors
 from minseekr.tokenizer import Tokenizer, find_tokenizer
@@ -64,7 +65,7 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
         ckpt = run.checkpoint(i + 1)
         if not (ckpt / "config.json").is_file():
             sys.exit(f"eval.py: {ckpt} is missing: the run stopped before task {i + 1} finished")
-        model = load_hf(ckpt)
+        model = attach_saved(load_hf(ckpt), ckpt)
         for j in range(n_tasks if joint else min(i + 2, n_tasks)):
             R[i][j] = score(model, tasks[j])
             print(f"after stage {i + 1} on {tasks[j].name}: {R[i][j]:.2f}", flush=True)
@@ -88,7 +89,7 @@ def evaluate_model(ns: EvalConfig):
         sys.exit("eval.py: --model needs --data ROOT and --tasks a,b,...")
     if ns.general:
         sys.exit("eval.py: --general compares a run's θ_0 with its last model: give RUN_DIR, not --model")
-    model = load_hf(ns.model)
+    model = attach_saved(load_hf(ns.model), ns.model)
     tok = Tokenizer(ns.tokenizer or find_tokenizer(ns.model))
     tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
     format_prompts(tasks, ns.prompt_format, tok)

@@ -88,7 +88,8 @@ def train(argv):
         raise InputError(f"--max-len {cfg.max_len} exceeds the {args.max_seq_len} positions of {run.model} "
                          f"(max_position_embeddings)")
     _, _, device = init_distributed(run.device)
-    engine = load_engine(run.model, run.fsdp, device=device, compute_dtype=getattr(torch, run.dtype) if run.dtype else None,
+    engine = load_engine(run.model, run.fsdp, frozen=METHODS[cfg.method].adapts, device=device,
+                         compute_dtype=getattr(torch, run.dtype) if run.dtype else None,
                          activation_checkpointing=run.activation_checkpointing, betas=cfg.betas,
                          weight_decay=cfg.weight_decay)
     # Paths are stored absolute, so the run resumes from any working directory, moved or copied.

@@ -25,6 +25,7 @@ class Method:
     distils_previous: bool = False    # distils θ_{k−1} on the new task's own inputs (LwF)
     penalises_drift: bool = False     # adds a quadratic penalty towards earlier weights (EWC)
     joint: bool = False               # trains once on every task together (MTL, the upper bound)
+    adapts: bool = False              # trains only its own parameters beside the frozen model (PET: olora.py)
 
 
 METHODS = {
@@ -35,6 +36,7 @@ METHODS = {
     "lwf": Method(distils_previous=True),
     "ewc": Method(penalises_drift=True),
     "mtl": Method(joint=True),
+    "olora": Method(adapts=True),                                             # a new LoRA per task, orthogonal
 }
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 PRESETS = ("paper", "official")
@@ -123,6 +125,15 @@ class ContinualConfig:
                                check=NONNEGATIVE)
     ewc_weight: float = option(1e4, "ewc: λ of the penalty (λ/2) Σ F (θ − θ*)²", check=NONNEGATIVE)
     ewc_samples: int = option(64, "ewc: samples of D_k for the diagonal Fisher", check=AT_LEAST_1)
+    lora_targets: str = option("q_proj,v_proj", "olora: the projections a LoRA adapts (comma-separated)")
+    lora_rank: int = option(8, "olora: the LoRA rank r (O-LoRA's scripts)", check=AT_LEAST_1)
+    lora_alpha: float = option(32.0, "olora: LoRA's α; the update is scaled by α/r (O-LoRA's scripts)",
+                               check=POSITIVE)
+    lora_dropout: float = option(0.1, "olora: dropout on a LoRA's input while training", check=BETA)
+    olora_lambda1: float = option(0.5, "olora: λ1, the weight of Σ|A_old A_newᵀ| (O-LoRA's scripts)",
+                                  check=NONNEGATIVE)
+    olora_lambda2: float = option(0.0, "olora: λ2, the weight of the new LoRA's L2 norms (O-LoRA's scripts)",
+                                  check=NONNEGATIVE)
     eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)",
                                check=NONNEGATIVE)
     max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)", check=AT_LEAST_1)

@@ -10,6 +10,7 @@ between tasks:
     lwf     + lwf_weight · KL(θ_{k−1} ‖ θ) on the new task's answer tokens (θ_{k−1} a frozen sharded copy)
     ewc     + online EWC's penalty (minseekr/baselines.py)
     mtl     one stage of joint training on every task (the upper bound; R has one row)
+    olora   the model frozen, a new LoRA per task orthogonal to the earlier ones' (minseekr/olora.py)
 
 Per task k:
   1. R_k is drawn from D_k *before* training (the draw depends on no model) together with its query rows T;
@@ -55,7 +56,9 @@ from minseekr.config import METHODS, ContinualConfig
 from minseekr.engine import build_engine, export_hf, load_engine
 from minseekr.evaluation import evaluate
 from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
+from minseekr import pet
 from minseekr.model import Transformer, token_losses
+from minseekr.peft import ReplicatedAdamW, freeze
 from minseekr.resume import LATEST, META, Position, latest_point, load_sharded, write_point
 from minseekr.rundir import RunDir, summarize
 from minseekr.runtime import (InputError, NonFiniteError, all_reduce, atomic_write, disk_space, first_error, gather,
@@ -71,10 +74,15 @@ class ContinualTrainer:
     """
 
     def __init__(self, engine, tokenizer, tasks, cfg: ContinualConfig, run_dir, eval_fn=None, spec=None):
-        if isinstance(engine, Transformer):
-            engine = build_engine(engine, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.engine, self.model, self.tok, self.tasks, self.cfg = engine, engine.model, tokenizer, tasks, cfg
         self.method = METHODS[cfg.method]
+        if isinstance(engine, Transformer):
+            model = freeze(engine) if self.method.adapts else engine
+            engine = build_engine(model, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.engine, self.model, self.tok, self.tasks, self.cfg = engine, engine.model, tokenizer, tasks, cfg
+        # What an optimiser step updates: the engine's shards, or a PET method's own parameters (the engine frozen).
+        self.optim, self.pet, self.pending_optim = engine, None, None
+        if self.method.adapts:
+            self.pet = pet.build(cfg, engine.model.args).to(engine.device).attach(engine.model)
         self.rank, self.world, self.device = engine.rank, engine.world, engine.device
         self.run = RunDir(run_dir)
         args = self.model.args
@@ -146,7 +154,7 @@ class ContinualTrainer:
         terms = {name: v.item() / float(n) for (name, (_, n)), v in zip(sums.items(), values)}
         for name, value in terms.items():   # every rank sees the same all-reduced values: all stop together
             if not math.isfinite(value):
-                raise NonFiniteError(f"optimiser step {self.engine.step + 1}: the loss term {name} is {value}; "
+                raise NonFiniteError(f"optimiser step {self.optim.step + 1}: the loss term {name} is {value}; "
                                      f"nothing of this step was applied or saved (a lower --lr, or the data?)")
         return terms
 
@@ -168,16 +176,18 @@ class ContinualTrainer:
         teacher = batch["teacher_attn"][:, [stored[pair] for pair in pairs]]     # (B, |H|, T, S)
         return AttentionKL(pairs, batch["rows"], teacher, batch["attention_mask"])
 
-    def optimizer_step(self):
-        """EWC's penalty gradient (if any), global-norm clip, AdamW on the shards; returns the step's logged terms:
-        the gradient norm before clipping (penalty included) and EWC's penalty."""
+    def optimizer_step(self, s):
+        """EWC's or a PET method's penalty gradient (if any), global-norm clip, AdamW; returns the step's logged
+        terms: the gradient norm before clipping (penalty included) and the penalties."""
         terms = {"ewc": self.ewc.add_penalty_grad(self.engine)} if self.ewc else {}
-        terms["grad_norm"] = float(self.engine.clip_grad_norm_(self.cfg.clip))
+        if self.pet:
+            terms.update(self.pet.add_penalty_grad(s))
+        terms["grad_norm"] = float(self.optim.clip_grad_norm_(self.cfg.clip))
         if bad := {key: v for key, v in terms.items() if not math.isfinite(v)}:
-            raise NonFiniteError(f"optimiser step {self.engine.step + 1}: {', '.join(f'{k} is {v}' for k, v in bad.items())}"
+            raise NonFiniteError(f"optimiser step {self.optim.step + 1}: {', '.join(f'{k} is {v}' for k, v in bad.items())}"
                                  f"; the step was not applied and nothing was saved (a lower --lr?)")
-        self.engine.optimizer_step(self.cfg.lr)
-        self.engine.zero_grad()
+        self.optim.optimizer_step(self.cfg.lr)
+        self.optim.zero_grad()
         return terms
 
     # ---- one task (a stage: every task at once for MTL) ----------------------------------------------------
@@ -197,6 +207,16 @@ class ContinualTrainer:
         tokens = [n_labels(x["labels"]) for x in train]
         replay = self.draw_replay(s, train)
         scoring = self.score_batches(replay)       # R_k's batches, for θ_{k−1}'s snapshot and θ_k's scores
+        if self.pet:                               # task k's own parameters and a fresh AdamW for them
+            self.pet.begin_task(s)
+            self.optim = ReplicatedAdamW(self.pet.trainable(), cfg.betas, weight_decay=cfg.weight_decay,
+                                         step=self.optim.step)
+            if self.pending_optim is not None:     # resumed: inside the task its moments too, else the step count
+                if at is not None and at.step > 0:
+                    self.optim.load_state_tensors(self.pending_optim)
+                else:
+                    self.optim.step = int(self.pending_optim["step"])
+                self.pending_optim = None
         before = self.attention_snapshot(s, scoring, fresh=at is None or at.step == 0)
         self.load_teacher(s)
         name = "+".join(self.tasks[k].name for k in ks)
@@ -229,7 +249,7 @@ class ContinualTrainer:
                 if step % cfg.grad_accum == 0 or step == total:
                     self.log_step(s, epoch, logged)
                     logged = {}
-                    if cfg.checkpoint_every and self.engine.step % cfg.checkpoint_every == 0:
+                    if cfg.checkpoint_every and self.optim.step % cfg.checkpoint_every == 0:
                         self.save_resume(Position(s, epoch, i + 1, step))
             bar.close()
         self.model.eval()
@@ -238,9 +258,9 @@ class ContinualTrainer:
     def log_step(self, s, epoch, logged):
         """One optimiser step: clip, update, and a metrics.jsonl line (its terms averaged over its micro-steps)."""
         record = {"task": s, "epoch": epoch, **{key: total / n for key, (total, n) in logged.items()}}
-        record.update(self.optimizer_step())
+        record.update(self.optimizer_step(s))
         if self.rank == 0:
-            self.log({**record, "step": self.engine.step})
+            self.log({**record, "step": self.optim.step})
 
     def log(self, record: dict):
         """Append one line to metrics.jsonl (rank 0)."""
@@ -391,20 +411,28 @@ class ContinualTrainer:
         with together():
             export_hf(self.engine, path, dtype=self.engine.compute_dtype)
             if self.rank == 0:
+                if self.pet and self.pet.tasks:   # θ_0 is the bare model
+                    self.pet.save(Path(path) / pet.FILE)
                 for file in self.tok.files:
                     atomic_write(Path(path) / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
 
     def evaluate_checkpoint(self, path, tasks):
         """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
-        model = load_hf(path, dtype=self.engine.compute_dtype, device=self.device)
+        model = pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
         return [self.eval_fn(model, self.tasks[j]) for j in tasks]
 
     def save_resume(self, position: Position):
         """A resume point: sharded weights + AdamW (+ EWC) and the run's state; then `resume/latest.json`."""
         state = {"R": self.R, "base": self.base, "heads": self.selected,
                  "metrics_bytes": self.run.metrics.stat().st_size if self.run.metrics.exists() else 0}
-        extra = (lambda path: self.ewc.save(path / f"ewc-rank{self.rank:05d}.safetensors")) if self.ewc else None
-        write_point(self.run.resume, position, self.engine, state, extra)
+        write_point(self.run.resume, position, self.engine, state, self.save_extra)
+
+    def save_extra(self, path):
+        """A resume point's files beyond the engine's: EWC's per-rank terms, a PET method and its AdamW (rank 0)."""
+        if self.ewc:
+            self.ewc.save(path / f"ewc-rank{self.rank:05d}.safetensors")
+        if self.pet:
+            pet.save_state(path, self.pet, self.optim, self.rank, self.device)
 
     def restore(self) -> Position | None:
         """Load the latest resume point and return its position; None if the run stopped before writing one (its
@@ -420,6 +448,8 @@ class ContinualTrainer:
             state = load_sharded(self.engine, path)
             if self.ewc:
                 self.ewc.load(path / f"ewc-rank{self.rank:05d}.safetensors", self.device)
+            if self.pet:
+                self.pending_optim = pet.load_state(path, self.pet, self.rank, self.device)
         if missing := [key for key in META if key not in state]:
             raise InputError(f"{path / 'manifest.json'}: the trainer's state lacks {', '.join(missing)}")
         at = Position(state["task"], state["epoch"], state["micro"], state["step"])
@@ -444,6 +474,8 @@ class ContinualTrainer:
 
     def _run_all(self, resume):
         n_tasks = len(self.tasks)
+        if self.pet:   # LoRA dropout's masks: a function of the seed and the rank (a resume restores the state)
+            torch.manual_seed(self.cfg.seed * 1000 + self.rank)
         at = self.restore() if resume else None   # None: a run stopped before its first resume point starts over
         if self.base is None:   # θ_0's zero-shot scores, for FWT
             self.export(self.run.checkpoint(0))

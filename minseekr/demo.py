@@ -119,7 +119,8 @@ def run(out: Path, seeds: list[int], methods: list[str], typed: dict, fsdp="mins
             cfg = resolve(SETTINGS, typed, {"method": method, "seed": seed})
             run_dir = Path(out) / f"demo-seed{seed}" / method
             shutil.rmtree(run_dir, ignore_errors=True)   # the demo's own output of an earlier invocation
-            engine = build_engine(copy.deepcopy(theta0), fsdp, device=torch.device(device), betas=cfg.betas,
+            model = copy.deepcopy(theta0).requires_grad_(not METHODS[method].adapts)   # PET: the base frozen
+            engine = build_engine(model, fsdp, device=torch.device(device), betas=cfg.betas,
                                   weight_decay=cfg.weight_decay)
             summary = ContinualTrainer(engine, tok, tasks, cfg, run_dir).run_all()
             results.setdefault(method, []).append({**summary, "seed": seed})

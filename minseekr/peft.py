@@ -18,10 +18,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.runtime import InputError, atomic_write
+from minseekr.runtime import InputError, all_reduce, atomic_write, rank_world
 
 # Where each projection a LoRA may target sits in a block, and its (out, in) features for ModelArgs `a`.
 PROJECTIONS = {
@@ -41,11 +42,12 @@ class LoRA(nn.Module):
     def __init__(self, args, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
         super().__init__()
         if unknown := [t for t in targets if t not in PROJECTIONS]:
-            raise InputError(f"LoRA targets: unknown {', '.join(unknown)}; expected some of {', '.join(PROJECTIONS)}")
+            raise InputError(f"LoRA targets (--lora-targets): unknown {', '.join(unknown)}; expected some of "
+                             f"{', '.join(PROJECTIONS)}")
         if rank < 1:
             raise InputError(f"LoRA rank must be ≥ 1, got {rank}")
         self.targets, self.rank, self.alpha, self.scale = tuple(targets), rank, alpha, alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for layer in range(args.n_layers):
             for target in self.targets:
@@ -55,9 +57,11 @@ class LoRA(nn.Module):
                 self.B[key] = nn.Parameter(torch.zeros(out_features, rank))
                 nn.init.kaiming_uniform_(self.A[key], a=math.sqrt(5))   # as nn.Linear (and PEFT) initialise A
 
-    def delta(self, key: str, x):
-        """(α/r)·B A x for the projection `key` ("{layer}_{target}")."""
-        return (self.dropout(x) @ self.A[key].t().to(x.dtype)) @ self.B[key].t().to(x.dtype) * self.scale
+    def delta(self, key: str, x, training: bool = False):
+        """(α/r)·B A x for the projection `key` ("{layer}_{target}"); dropout on x while `training` (the model's
+        mode, so that evaluation never drops)."""
+        x = F.dropout(x, self.dropout, training) if self.dropout else x
+        return (x @ self.A[key].t().to(x.dtype)) @ self.B[key].t().to(x.dtype) * self.scale
 
 
 class LoRABank(nn.Module):
@@ -74,10 +78,11 @@ class LoRABank(nn.Module):
         self.loras.append(lora)
         return lora
 
-    def attach(self, model):
-        """Hook every projection some LoRA targets in `model` (a Transformer); `detach` removes the hooks."""
+    def attach(self, model, targets=None):
+        """Hook the projections `targets` (default: those the bank's LoRAs target) of every layer of `model` (a
+        Transformer), so that LoRAs added later act too; `detach` removes the hooks."""
         self.detach()
-        targets = sorted({t for lora in self.loras for t in lora.targets})
+        targets = sorted(targets or {t for lora in self.loras for t in lora.targets})
         for layer, block in enumerate(model.model.layers):
             for target in targets:
                 module = getattr(getattr(block, PROJECTIONS[target][0]), target)
@@ -93,7 +98,7 @@ class LoRABank(nn.Module):
         x = inputs[0]
         for t, lora in enumerate(self.loras):
             if key in lora.A:
-                delta = lora.delta(key, x)
+                delta = lora.delta(key, x, module.training)
                 if self.weights is not None:
                     delta = delta * self.weights[:, t, None, None].to(delta.dtype)
                 out = out + delta
@@ -139,16 +144,70 @@ def save_method(module: nn.Module, path, info: dict):
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"method": json.dumps(info)}))
 
 
-def load_method(module: nn.Module, path) -> dict:
-    """Load `save_method`'s file into `module` (every tensor, shapes checked); returns its `info`."""
+def read_method(path) -> tuple[dict, dict]:
+    """The `info` and the tensors of a file `save_method` wrote."""
     try:
         with safe_open(str(path), "pt") as f:
-            info = json.loads((f.metadata() or {}).get("method", "{}"))
-            state = {name: f.get_tensor(name) for name in f.keys()}
+            info = json.loads((f.metadata() or {})["method"])
+            return info, {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:   # safetensors raises several types for a damaged or foreign file
-        raise InputError(f"{path}: not a method file written by save_method ({e})") from None
+        raise InputError(f"{path}: not a method file written by save_method ({e!r})") from None
+
+
+def load_method(module: nn.Module, path) -> dict:
+    """Load `save_method`'s file into `module` (every tensor, shapes checked); returns its `info`."""
+    info, state = read_method(path)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise InputError(f"{path} does not fit this method's parameters: {str(e).splitlines()[0]}") from None
     return info
+
+
+class ReplicatedAdamW:
+    """AdamW for a method's own parameters, whole on every rank beside a frozen engine: each gradient is averaged
+    over the ranks (each rank's loss is its share × world, as the engines expect), then clipped and applied."""
+
+    def __init__(self, params, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0, step: int = 0):
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=0.0, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.step = step    # optimiser steps of the whole run, counted on across tasks
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        world = rank_world()[1]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if world > 1:
+                p.grad = all_reduce(p.grad) / world
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    def optimizer_step(self, lr: float):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.step += 1
+
+    def state_tensors(self) -> dict:
+        """The AdamW moments and step, by parameter index (for a resume point)."""
+        out = {"step": torch.tensor(self.step)}
+        for i, p in enumerate(self.params):
+            state = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    out[f"{i}.{key}"] = state[key]
+            if "step" in state:
+                out[f"{i}.step"] = torch.as_tensor(state["step"]).float()
+        return out
+
+    def load_state_tensors(self, tensors: dict):
+        self.step = int(tensors["step"])
+        for i, p in enumerate(self.params):
+            if f"{i}.exp_avg" in tensors:
+                self.optimizer.state[p] = {"exp_avg": tensors[f"{i}.exp_avg"].to(p.device),
+                                           "exp_avg_sq": tensors[f"{i}.exp_avg_sq"].to(p.device),
+                                           "step": tensors[f"{i}.step"].clone()}

@@ -1,5 +1,8 @@
 """Shared test fixtures: where ../shared lives (and a skip that says why when it does not), a tiny run's inputs."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,19 @@ def refused(capsys, argv, script="train"):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+def train_process(flags, out, launcher=(sys.executable,)):
+    """`train.py` with `flags` in a process of its own (or under `launcher`, e.g. torchrun), one thread per
+    process; its results.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*launcher, str(ROOT / "train.py"), *flags, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def logged(run):
+    """A run's metrics.jsonl without its wall times."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]

@@ -155,7 +155,7 @@ def logged(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["seekr", "ewc", "lwf"])
+@pytest.mark.parametrize("method", ["seekr", "ewc", "lwf", "olora"])
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkeypatch, method):
     """Crash at the 7th optimiser step (task 2, mid-epoch), resume: same weights, results and log."""
     tok, tasks = toy
@@ -166,11 +166,11 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkey
     step = ContinualTrainer.optimizer_step
     calls = []
 
-    def crash_at_7th(self):
+    def crash_at_7th(self, *args):
         calls.append(1)
         if len(calls) == 7:
             raise RuntimeError("simulated crash")
-        return step(self)
+        return step(self, *args)
 
     monkeypatch.setattr(ContinualTrainer, "optimizer_step", crash_at_7th)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -199,10 +199,10 @@ def test_a_run_stopped_before_its_first_resume_point_resumes_from_the_start(toy,
     whole = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("replay"), tmp_path / "whole").run_all()
     step = ContinualTrainer.optimizer_step
 
-    def crash_at_2nd(self):
+    def crash_at_2nd(self, *args):
         if self.engine.step == 1:
             raise RuntimeError("simulated crash")
-        return step(self)
+        return step(self, *args)
 
     monkeypatch.setattr(ContinualTrainer, "optimizer_step", crash_at_2nd)
     with pytest.raises(RuntimeError, match="simulated crash"):

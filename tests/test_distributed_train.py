@@ -1,13 +1,12 @@
 """`torchrun --nproc_per_node 2 train.py ...` is the single-process run, sharded: same results file, same weights."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_run_inputs
+from conftest import logged, tiny_run_inputs, train_process
 from minseekr.checkpoint import load_hf
 
 
@@ -19,20 +18,11 @@ def setup(tmp_path_factory):
 def train(launcher, setup, out, *extra):
     model_dir, data = setup
     flags = ["--model", str(model_dir), "--data", str(data),
-             "--order", "rev,rot", "--method", "seekr", "--out", str(out), "--epochs", "2", "--lr", "1e-3",
+             "--order", "rev,rot", "--method", "seekr", "--epochs", "2", "--lr", "1e-3",
              "--batch-size", "6", "--grad-accum", "2", "--max-len", "32", "--replay-ratio", "0.25",
              "--layer-budget", "1", "--head-budget", "2", "--query-budget", "4", "--lambda2", "10",
              "--eval-samples", "12", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([*launcher, str(ROOT / "train.py"), *flags], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())
-
-
-def logged(run):
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return train_process(flags, out, launcher)
 
 
 @pytest.mark.parametrize("fsdp", ["minseekr", "torch"])

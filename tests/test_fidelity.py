@@ -199,11 +199,11 @@ def test_a_missing_forgettability_snapshot_on_a_mid_task_resume_is_an_error(tok,
     step = ContinualTrainer.optimizer_step
     calls = []
 
-    def crash_at_11th(self):
+    def crash_at_11th(self, *args):
         calls.append(1)
         if len(calls) == 11:                  # task 2, after its first resume point
             raise RuntimeError("simulated crash")
-        return step(self)
+        return step(self, *args)
 
     monkeypatch.setattr(ContinualTrainer, "optimizer_step", crash_at_11th)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -144,8 +144,8 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_resume_point(t
                                eval_fn=lambda model, task: 0.0)
     step = ContinualTrainer.optimizer_step
 
-    def poison_after_3rd(self):
-        terms = step(self)
+    def poison_after_3rd(self, *args):
+        terms = step(self, *args)
         if self.engine.step == 3:   # the weights turn NaN after the 3rd update
             self.engine.units[1].shard[0] = float("nan")
         return terms

@@ -1,0 +1,62 @@
+"""The parameter-efficient methods by name, and the one way a checkpoint's method file goes back onto a model.
+
+A PET method trains only its own parameters beside the frozen model (`config.Method.adapts`). A task checkpoint
+holds the base model's HF files and, beside them, the method's parameters (`FILE`); whoever evaluates or
+generates from the checkpoint puts the method back with `attach_saved`, so its full forward always runs.
+"""
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minseekr.olora import OLoRA
+from minseekr.peft import load_method, read_method
+from minseekr.runtime import atomic_write
+
+PET = {"olora": OLoRA}
+FILE = "method.safetensors"
+ADAMW = "method-adamw.safetensors"    # in a resume point: the AdamW state of the method's parameters
+
+
+def build(cfg, args):
+    """The method `cfg.method` for a model of shape `args`, from the run's settings."""
+    return PET[cfg.method].from_config(args, cfg)
+
+
+def attach_saved(model, folder):
+    """`model` with the method saved in `folder` attached (frozen, on the model's device); unchanged if none."""
+    file = Path(folder) / FILE
+    if file.is_file():
+        info, _ = read_method(file)
+        PET[info["method"]].load(file, model.args).to(model.device).attach(model)
+    return model
+
+
+def save_state(path, method, optim, rank: int, device):
+    """A resume point's share of a PET run: each rank's random generator (LoRA dropout resumes drawing where it
+    stopped), and from rank 0 the method and its AdamW state (every rank holds the same)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    atomic_write(Path(path) / f"rng-rank{rank:05d}.safetensors", lambda tmp: save_file(rng, str(tmp)))
+    if method.tasks and rank == 0:
+        method.save(Path(path) / FILE)
+        tensors = {key: t.contiguous().cpu() for key, t in optim.state_tensors().items()}
+        atomic_write(Path(path) / ADAMW, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_state(path, method, rank: int, device) -> dict | None:
+    """`save_state`'s files back: the generator and the method's parameters; returns the AdamW state (None before
+    the first task's method was saved) for the trainer to give the task's optimiser."""
+    with safe_open(str(Path(path) / f"rng-rank{rank:05d}.safetensors"), "pt") as f:
+        torch.set_rng_state(f.get_tensor("cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(f.get_tensor("cuda"), device)
+    if not (Path(path) / FILE).is_file():
+        return None
+    info, _ = read_method(Path(path) / FILE)
+    method.begin_task(info["tasks"] - 1)
+    load_method(method, Path(path) / FILE)
+    with safe_open(str(Path(path) / ADAMW), "pt", device=str(device)) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
