@@ -37,6 +37,7 @@ METHODS = {
     "ewc": Method(penalises_drift=True),
     "mtl": Method(joint=True),
     "olora": Method(adapts=True),                                             # a new LoRA per task, orthogonal
+    "pp": Method(adapts=True),                                                # a new soft prompt per task
 }
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 PRESETS = ("paper", "official")
@@ -134,6 +135,10 @@ class ContinualConfig:
                                   check=NONNEGATIVE)
     olora_lambda2: float = option(0.0, "olora: λ2, the weight of the new LoRA's L2 norms (O-LoRA's scripts)",
                                   check=NONNEGATIVE)
+    prompt_tokens: int = option(10, "pp: soft-prompt vectors per task (Progressive Prompts' scripts)",
+                                check=AT_LEAST_1)
+    prompt_bottleneck: int = option(800, "pp: width of the prompt's residual MLP (Progressive Prompts' code)",
+                                    check=AT_LEAST_1)
     eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)",
                                check=NONNEGATIVE)
     max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)", check=AT_LEAST_1)

@@ -11,6 +11,7 @@ between tasks:
     ewc     + online EWC's penalty (minseekr/baselines.py)
     mtl     one stage of joint training on every task (the upper bound; R has one row)
     olora   the model frozen, a new LoRA per task orthogonal to the earlier ones' (minseekr/olora.py)
+    pp      the model frozen, a new soft prompt per task read before the earlier ones' (minseekr/pp.py)
 
 Per task k:
   1. R_k is drawn from D_k *before* training (the draw depends on no model) together with its query rows T;
@@ -126,7 +127,13 @@ class ContinualTrainer:
         probe = None
         if memory is not None and self.method.distils_attention and self.distilled_heads(memory):
             probe = self.kl_probe(batch, memory)
-        logits = self.model(batch["input_ids"], batch["attention_mask"], probe=probe)
+        prefix = self.pet.prefix(batch["input_ids"].shape[0]) if self.pet else None   # soft prompts (pp)
+        if prefix is None:
+            logits = self.model(batch["input_ids"], batch["attention_mask"], probe=probe)
+        else:   # the prompts are read like tokens; their own outputs predict nothing
+            real = batch["attention_mask"]
+            mask = torch.cat([torch.ones_like(real[:, :1]).expand(-1, prefix.shape[1]), real], 1)
+            logits = self.model(batch["input_ids"], mask, probe=probe, prefix=prefix)[:, prefix.shape[1]:]
         predicting = batch["labels"][:, 1:] != -100
         ce = token_losses(logits, batch["labels"])[predicting].sum()
         sums, loss = {}, ce / n_tokens
@@ -157,6 +164,13 @@ class ContinualTrainer:
                 raise NonFiniteError(f"optimiser step {self.optim.step + 1}: the loss term {name} is {value}; "
                                      f"nothing of this step was applied or saved (a lower --lr, or the data?)")
         return terms
+
+    def embedding_rows(self, ids):
+        """Rows `ids` of the model's token embeddings, read from the engine (every rank iterates alike)."""
+        for name, t in self.engine.full_tensors():
+            if name == "model.embed_tokens.weight":
+                return t[ids.to(t.device)].detach().clone()
+        raise KeyError("model.embed_tokens.weight")
 
     def attention_loss(self, probe, counts, n_heads):
         """L_ad of this rank's samples as (sum, global divisor): the mean over the global batch's (sample, head,
@@ -208,7 +222,7 @@ class ContinualTrainer:
         replay = self.draw_replay(s, train)
         scoring = self.score_batches(replay)       # R_k's batches, for θ_{k−1}'s snapshot and θ_k's scores
         if self.pet:                               # task k's own parameters and a fresh AdamW for them
-            self.pet.begin_task(s)
+            self.pet.begin_task(s, self.embedding_rows)
             self.optim = ReplicatedAdamW(self.pet.trainable(), cfg.betas, weight_decay=cfg.weight_decay,
                                          step=self.optim.step)
             if self.pending_optim is not None:     # resumed: inside the task its moments too, else the step count

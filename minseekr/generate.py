@@ -35,7 +35,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
              pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
              generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[int]]:
     """The new tokens of each prompt, up to and including its first EOS, at most max_new_tokens; `prefix`
-    (B, n, dim): soft prompts before each prompt (and its padding), fed once (or every step without the cache)."""
+    (B, n, dim): soft prompts before each prompt (and its padding), fed once (or every step without the cache);
+    by default those of a prompt method attached to the model (`model.soft_prompts(B)`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     if max_new_tokens < 0:
@@ -44,6 +45,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
         raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1, got temperature={temperature}, top_p={top_p}")
     weight = model.model.embed_tokens.weight
     B, P = len(prompts), max(len(p) for p in prompts)      # P: the longest prompt
+    if prefix is None and getattr(model, "soft_prompts", None) is not None:   # a prompt method attached (pp.py)
+        prefix = model.soft_prompts(B)
     n = 0 if prefix is None else prefix.shape[1]            # the mask's first n columns: the soft prompts
     if prefix is not None and prefix.shape[0] != B:
         raise ValueError(f"prefix holds {prefix.shape[0]} sequences of soft prompts for {B} prompts")

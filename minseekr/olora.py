@@ -28,7 +28,7 @@ class OLoRA(torch.nn.Module):
         return cls(args, cfg.lora_targets.split(","), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                    cfg.olora_lambda1, cfg.olora_lambda2, cfg.seed)
 
-    def begin_task(self, k: int):
+    def begin_task(self, k: int, embedding_rows=None):
         """Task k's LoRA, new and trainable; every earlier one frozen."""
         for lora in self.bank.loras:
             lora.requires_grad_(False)
@@ -49,6 +49,9 @@ class OLoRA(torch.nn.Module):
     def attach(self, model):
         self.bank.attach(model, self.targets)
         return self
+
+    def prefix(self, batch_size: int):
+        return None   # no soft prompts
 
     def penalty(self, k: int) -> dict:
         """O-LoRA's terms for task k's LoRA: λ1 · orthogonality to every earlier LoRA, λ2 · its norms."""

@@ -3,6 +3,11 @@
 A PET method trains only its own parameters beside the frozen model (`config.Method.adapts`). A task checkpoint
 holds the base model's HF files and, beside them, the method's parameters (`FILE`); whoever evaluates or
 generates from the checkpoint puts the method back with `attach_saved`, so its full forward always runs.
+
+What the trainer asks of a method (`olora.OLoRA`, `pp.ProgressivePrompts`): `from_config(args, cfg)`;
+`attach(model)` (hooks, or soft prompts for generation); `begin_task(k, embedding_rows)` (task k's parameters
+trainable, the earlier ones frozen); `trainable()`; `prefix(batch)` (soft prompts to read before a batch, or
+None); `add_penalty_grad(k)` (once per optimiser step; its logged terms); `tasks`; `save(path)` / `load(path, args)`.
 """
 from pathlib import Path
 
@@ -12,9 +17,10 @@ from safetensors.torch import save_file
 
 from minseekr.olora import OLoRA
 from minseekr.peft import load_method, read_method
+from minseekr.pp import ProgressivePrompts
 from minseekr.runtime import atomic_write
 
-PET = {"olora": OLoRA}
+PET = {"olora": OLoRA, "pp": ProgressivePrompts}
 FILE = "method.safetensors"
 ADAMW = "method-adamw.safetensors"    # in a resume point: the AdamW state of the method's parameters
 
