@@ -2,6 +2,7 @@
 
     python tools/convert_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf weights/smollm2      # once (README)
     python tools/real_experiment.py --model weights/smollm2 --data ../shared/data/superni --out runs/real
+    python tools/real_experiment.py ... --configs seekr,seekr-random --seeds 0,1 --tag ablations   # a subset
 
 Every configuration × seed is one `train.py` run in its own process on one thread, `--jobs` at a time (default:
 one per core; on a small CPU two threads in one process make every small op several times slower than one). A
@@ -9,6 +10,7 @@ finished run (its results.json) is kept and skipped when the command is given ag
 experiment continues where it stopped. Then, from the runs' own files, it writes into --out:
 
     summary.md / summary.json   OP and BWT (mean ± std over seeds), each run's R matrix, the wall times
+                                (summary-TAG.md etc. with --tag)
     results.png                 OP and BWT per configuration, with the seeds' std as error bars
     grafting.md / grafting.png  Fig. 1: the final SeqFT model with an earlier task model's attention maps grafted
                                 in at inference (every head; SEEKR's selected heads; as many random heads)
@@ -119,8 +121,9 @@ def spread(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
-def summarize(out: Path, configs, seeds, minutes: dict) -> str:
-    """summary.md and summary.json from the runs' results.json, and results.png; returns the markdown."""
+def summarize(out: Path, configs, seeds, minutes: dict, tag: str = "") -> str:
+    """summary.md and summary.json from the runs' results.json, and results.png (`-tag` after each name when
+    given); returns the markdown."""
     results = {c: [json.loads(RunDir(out / f"seed{s}" / c).results.read_text()) for s in seeds] for c in configs}
     lines = [f"## OP and BWT (%, mean ± std over seeds {', '.join(map(str, seeds))})", "",
              "| configuration | OP | BWT | " + " | ".join(f"seed {s} OP / BWT" for s in seeds) + " |",
@@ -139,9 +142,10 @@ def summarize(out: Path, configs, seeds, minutes: dict) -> str:
         lines += ["", f"Wall time of the runs (minutes, one thread each): "
                       + ", ".join(f"{c} {statistics.mean(m):.1f}" for c, m in minutes.items())]
     text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
-    figure(draw_results, out / "results.png", results)
+    suffix = f"-{tag}" if tag else ""
+    (out / f"summary{suffix}.md").write_text(text)
+    (out / f"summary{suffix}.json").write_text(json.dumps(results, indent=1))
+    figure(draw_results, out / f"results{suffix}.png", results)
     for s, r in zip(seeds, results.get("seekr", [])):
         draw_importance(out / f"seed{s}" / "seekr", r["heads"])
     return text
@@ -248,6 +252,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (settings were chosen on 100)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one thread each")
+    parser.add_argument("--tag", default="", help="written as summary-TAG.md (etc.), beside other summaries")
     a = parser.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     configs = a.configs.split(",")
@@ -271,10 +276,10 @@ def main(argv=None):
                   flush=True)
     if failed:
         sys.exit("failed runs:\n  " + "\n  ".join(failed))
-    print(summarize(out, configs, seeds, minutes))
+    print(summarize(out, configs, seeds, minutes, a.tag))
     if {"seqft", "seekr"} <= set(configs):
         print(grafting(a.model, a.data, out, seeds, a.jobs))
-    print(f"wall time: {(time.time() - start) / 60:.1f} min; figures: {out}/results.png, {out}/grafting.png")
+    print(f"wall time: {(time.time() - start) / 60:.1f} min; summaries and figures in {out}")
 
 
 if __name__ == "__main__":
