@@ -48,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from minseekr import heads
+from minseekr import heads, pet
 from minseekr.baselines import EWC
 from minseekr.batches import device_batch, encode, index_batches, interleave, my_part, n_labels
 from minseekr.buffer import TaskMemory, write_task
@@ -57,7 +57,6 @@ from minseekr.config import METHODS, ContinualConfig
 from minseekr.engine import build_engine, export_hf, load_engine
 from minseekr.evaluation import evaluate
 from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
-from minseekr import pet
 from minseekr.model import Transformer, token_losses
 from minseekr.peft import ReplicatedAdamW, freeze
 from minseekr.resume import LATEST, META, Position, latest_point, load_sharded, write_point

@@ -67,7 +67,7 @@ class OLoRA(torch.nn.Module):
         total = sum(terms.values())
         if total.requires_grad:
             total.backward()
-        return {f"olora_{name}": float(v) for name, v in terms.items()}
+        return {f"olora_{name}": float(v.detach()) for name, v in terms.items()}
 
     def info(self) -> dict:
         return {"method": "olora", "tasks": self.tasks, "targets": list(self.targets), "rank": self.rank,
