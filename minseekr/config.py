@@ -38,6 +38,7 @@ METHODS = {
     "mtl": Method(joint=True),
     "olora": Method(adapts=True),                                             # a new LoRA per task, orthogonal
     "pp": Method(adapts=True),                                                # a new soft prompt per task
+    "l2p": Method(adapts=True),                                               # a prompt pool chosen by the input
 }
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 PRESETS = ("paper", "official")
@@ -139,6 +140,11 @@ class ContinualConfig:
                                 check=AT_LEAST_1)
     prompt_bottleneck: int = option(800, "pp: width of the prompt's residual MLP (Progressive Prompts' code)",
                                     check=AT_LEAST_1)
+    l2p_pool: int = option(10, "l2p: prompts in the pool, M (the L2P paper)", check=AT_LEAST_1)
+    l2p_length: int = option(5, "l2p: vectors per prompt, L (the L2P paper)", check=AT_LEAST_1)
+    l2p_top_k: int = option(3, "l2p: prompts read before an input, N (TRACE's L2P)", check=AT_LEAST_1)
+    l2p_pull: float = option(0.5, "l2p: λ, the weight of the chosen keys' pull towards the query (TRACE's L2P)",
+                             check=NONNEGATIVE)
     eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)",
                                check=NONNEGATIVE)
     max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)", check=AT_LEAST_1)
@@ -150,6 +156,9 @@ class ContinualConfig:
 
     def __post_init__(self):
         validate(self)
+        if self.l2p_top_k > self.l2p_pool:
+            raise InputError(f"--l2p-top-k {self.l2p_top_k} chooses more prompts than the pool holds "
+                             f"(--l2p-pool {self.l2p_pool})")
         if self.logit_loss == "mse" and self.logit_topk:
             raise InputError("--logit-loss mse compares whole logit vectors: it needs --logit-topk 0 (full logits)")
 

@@ -12,6 +12,7 @@ between tasks:
     mtl     one stage of joint training on every task (the upper bound; R has one row)
     olora   the model frozen, a new LoRA per task orthogonal to the earlier ones' (minseekr/olora.py)
     pp      the model frozen, a new soft prompt per task read before the earlier ones' (minseekr/pp.py)
+    l2p     the model frozen, a pool of prompts with keys, the nearest to each input read before it (l2p.py)
 
 Per task k:
   1. R_k is drawn from D_k *before* training (the draw depends on no model) together with its query rows T;
@@ -126,16 +127,19 @@ class ContinualTrainer:
         probe = None
         if memory is not None and self.method.distils_attention and self.distilled_heads(memory):
             probe = self.kl_probe(batch, memory)
-        prefix = self.pet.prefix(batch["input_ids"].shape[0]) if self.pet else None   # soft prompts (pp)
-        if prefix is None:
+        n = self.pet.n_prefix if self.pet else 0   # soft prompts (pp, l2p), chosen inside the forward
+        if n == 0:
             logits = self.model(batch["input_ids"], batch["attention_mask"], probe=probe)
         else:   # the prompts are read like tokens; their own outputs predict nothing
             real = batch["attention_mask"]
-            mask = torch.cat([torch.ones_like(real[:, :1]).expand(-1, prefix.shape[1]), real], 1)
-            logits = self.model(batch["input_ids"], mask, probe=probe, prefix=prefix)[:, prefix.shape[1]:]
+            mask = torch.cat([real.new_ones(real.shape[0], n), real], 1)
+            logits = self.model(batch["input_ids"], mask, probe=probe, prefix=self.pet.choose)[:, n:]
         predicting = batch["labels"][:, 1:] != -100
         ce = token_losses(logits, batch["labels"])[predicting].sum()
         sums, loss = {}, ce / n_tokens
+        for name, term in (self.pet.batch_loss() if self.pet else {}).items():   # L2P's pull of the chosen keys
+            loss = loss + term / counts["samples"]
+            sums[name] = (term, counts["samples"])
         if memory is None:
             sums["task_ce"] = (ce, n_tokens)
             if self.teacher is not None:

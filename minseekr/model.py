@@ -278,10 +278,14 @@ class Transformer(nn.Module):
         """Logits (B, S, V) for tokens (B, S); with return_attn also a list of (B, H, S, Skv) maps.
 
         `prefix` (B, P, dim): vectors placed before the tokens' embeddings (soft prompts), which then count in S:
-        they take the first positions and the logits' first P rows. `attention_mask` (B, Skv) marks real tokens
-        (and prefix vectors) with 1 and covers the cached prefix plus this call's inputs.
+        they take the first positions and the logits' first P rows; or a function of the tokens' embeddings
+        (B, S, dim) and their mask (B, S) that returns them (prompts chosen by the input, L2P: computed here, where
+        an engine's embeddings are gathered). `attention_mask` (B, Skv) marks real tokens (and prefix vectors)
+        with 1 and covers the cached prefix plus this call's inputs.
         """
         x = self.model.embed_tokens(tokens)
+        if callable(prefix):
+            prefix = prefix(x, None if attention_mask is None else attention_mask[:, -tokens.shape[1]:])
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         B, S = x.shape[:2]

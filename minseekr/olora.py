@@ -50,8 +50,7 @@ class OLoRA(torch.nn.Module):
         self.bank.attach(model, self.targets)
         return self
 
-    def prefix(self, batch_size: int):
-        return None   # no soft prompts
+    n_prefix = 0   # no soft prompts
 
     def penalty(self, k: int) -> dict:
         """O-LoRA's terms for task k's LoRA: λ1 · orthogonality to every earlier LoRA, λ2 · its norms."""
@@ -60,6 +59,9 @@ class OLoRA(torch.nn.Module):
             torch.zeros(())
         norms = sum(p.norm(p=2) for p in new.parameters())
         return {"orth": self.lambda1 * orth, "l2": self.lambda2 * norms}
+
+    def batch_loss(self) -> dict:
+        return {}
 
     def add_penalty_grad(self, k: int) -> dict:
         """Add the penalty's gradient to the parameters' (once per optimiser step); returns its logged values."""

@@ -4,10 +4,12 @@ A PET method trains only its own parameters beside the frozen model (`config.Met
 holds the base model's HF files and, beside them, the method's parameters (`FILE`); whoever evaluates or
 generates from the checkpoint puts the method back with `attach_saved`, so its full forward always runs.
 
-What the trainer asks of a method (`olora.OLoRA`, `pp.ProgressivePrompts`): `from_config(args, cfg)`;
+What the trainer asks of a method (`olora.OLoRA`, `pp.ProgressivePrompts`, `l2p.L2P`): `from_config(args, cfg)`;
 `attach(model)` (hooks, or soft prompts for generation); `begin_task(k, embedding_rows)` (task k's parameters
-trainable, the earlier ones frozen); `trainable()`; `prefix(batch)` (soft prompts to read before a batch, or
-None); `add_penalty_grad(k)` (once per optimiser step; its logged terms); `tasks`; `save(path)` / `load(path, args)`.
+trainable, the earlier ones frozen); `trainable()`; `n_prefix` and `choose(embeddings, mask)` (the soft prompts
+read before a batch, chosen inside the forward from its token embeddings); `batch_loss()` (a term of the last
+forward, summed over its samples, or None); `add_penalty_grad(k)` (once per optimiser step; its logged terms);
+`tasks`; `save(path)` / `load(path, args)`.
 """
 from pathlib import Path
 
@@ -15,12 +17,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minseekr.l2p import L2P
 from minseekr.olora import OLoRA
 from minseekr.peft import load_method, read_method
 from minseekr.pp import ProgressivePrompts
 from minseekr.runtime import atomic_write
 
-PET = {"olora": OLoRA, "pp": ProgressivePrompts}
+PET = {"olora": OLoRA, "pp": ProgressivePrompts, "l2p": L2P}
 FILE = "method.safetensors"
 ADAMW = "method-adamw.safetensors"    # in a resume point: the AdamW state of the method's parameters
 

@@ -44,8 +44,16 @@ class ProgressivePrompts(nn.Module):
 
     def attach(self, model):
         """Generation from `model` (`generate`) prepends the prompts: `model.soft_prompts` is read there."""
-        model.soft_prompts = self.prefix
+        model.soft_prompts = self.choose
         return self
+
+    @property
+    def n_prefix(self) -> int:
+        return self.n_tokens * self.tasks
+
+    def choose(self, embeddings, mask):
+        """The prompts before a batch: the same for every input."""
+        return self.prefix(embeddings.shape[0])
 
     def begin_task(self, k: int, embedding_rows=None):
         """Task k's prompt and MLP, new and trainable, every earlier one frozen; the prompt starts as the
@@ -70,6 +78,9 @@ class ProgressivePrompts(nn.Module):
         """(B, n·tasks, dim): every task's prompt through its MLP, the newest first."""
         vectors = torch.cat([self.mlps[j](self.prompts[j]) for j in reversed(range(self.tasks))])
         return vectors.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def batch_loss(self) -> dict:
+        return {}
 
     def add_penalty_grad(self, k: int) -> dict:
         return {}

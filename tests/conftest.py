@@ -81,3 +81,36 @@ def logged(run):
     """A run's metrics.jsonl without its wall times."""
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
             for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+# One small run of each parameter-efficient method on the tiny inputs (no LoRA dropout: each rank draws its own
+# masks, so two ranks would differ), shared by tests/test_pet_runs.py and each method's own tests.
+PET_COMMON = ["--order", "rev,rot", "--epochs", "2", "--batch-size", "6", "--grad-accum", "2", "--max-len", "32",
+              "--eval-samples", "8", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu"]
+PET_FLAGS = {
+    "olora": ["--lr", "1e-2", "--lora-rank", "4", "--lora-alpha", "8", "--olora-lambda2", "0.01",
+              "--lora-dropout", "0"],
+    "pp": ["--lr", "3e-2", "--prompt-tokens", "4", "--prompt-bottleneck", "16"],
+    "l2p": ["--lr", "3e-2", "--l2p-pool", "6", "--l2p-length", "2", "--l2p-top-k", "2"],
+}
+
+
+def pet_train(inputs, method, out, launcher=(sys.executable,)):
+    """`train.py --method METHOD` on the tiny inputs (model dir, data dir); its results.json."""
+    flags = ["--model", str(inputs[0]), "--data", str(inputs[1]), "--method", method, *PET_COMMON,
+             *PET_FLAGS[method]]
+    return train_process(flags, out, launcher)
+
+
+@pytest.fixture(scope="session")
+def pet_runs(tmp_path_factory):
+    """method -> (the tiny inputs, its run directory), trained on first use."""
+    inputs, made = tiny_run_inputs(tmp_path_factory.mktemp("pet"), n_train=24, n_test=8), {}
+
+    def run(method):
+        if method not in made:
+            out = tmp_path_factory.mktemp(f"{method}-run") / "run"
+            pet_train(inputs, method, out)
+            made[method] = out
+        return inputs, made[method]
+    return run

@@ -155,7 +155,7 @@ def logged(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["seekr", "ewc", "lwf", "olora", "pp"])
+@pytest.mark.parametrize("method", ["seekr", "ewc", "lwf", "olora", "pp", "l2p"])
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkeypatch, method):
     """Crash at the 7th optimiser step (task 2, mid-epoch), resume: same weights, results and log."""
     tok, tasks = toy

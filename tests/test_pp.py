@@ -1,12 +1,9 @@
-"""Progressive Prompts (#13): each task's prompt is read before the earlier ones', earlier prompts do not move,
-the base stays bit-identical, a checkpoint is evaluated with its prompts, and two ranks train as one process."""
-import json
-import os
-import sys
+"""Progressive Prompts (#13): each task's prompt starts as token embeddings and is read before the earlier ones',
+earlier prompts do not move, and a checkpoint's prompts are the ones generation reads (what every PET run owes,
+tests/test_pet_runs.py)."""
 
 import pytest
 import torch
-from conftest import logged, tiny_run_inputs, train_process
 
 from minseekr.checkpoint import load_hf
 from minseekr.generate import generate
@@ -37,31 +34,12 @@ def test_prompts_start_as_token_embeddings_and_are_read_newest_first():
         torch.testing.assert_close(prefix[0, 3 * slot:3 * slot + 3], want)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return tiny_run_inputs(tmp_path_factory.mktemp("pp"), n_train=24, n_test=8)
+@pytest.fixture
+def run(pet_runs):
+    return pet_runs("pp")[1]
 
 
-def train(setup, out, launcher=(sys.executable,)):
-    model_dir, data = setup
-    flags = ["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--method", "pp",
-             "--epochs", "2", "--lr", "3e-2", "--batch-size", "6", "--grad-accum", "2", "--max-len", "32",
-             "--prompt-tokens", "4", "--prompt-bottleneck", "16", "--eval-samples", "8", "--max-new-tokens", "8",
-             "--threads", "1", "--device", "cpu"]
-    return train_process(flags, out, launcher)
-
-
-@pytest.fixture(scope="module")
-def run(setup, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp-run") / "run"
-    train(setup, out)
-    return out
-
-
-def test_a_run_trains_only_the_new_prompt(setup, run):
-    base = load_hf(setup[0]).state_dict()
-    exported = load_hf(run / "checkpoints" / "task02").state_dict()
-    assert all(torch.equal(exported[name], t) for name, t in base.items())
+def test_earlier_prompts_do_not_move(run):
     (first_info, first), (second_info, second) = (read_method(run / "checkpoints" / f"task{k:02d}" / FILE)
                                                   for k in (1, 2))
     assert (first_info["tasks"], second_info["tasks"]) == (1, 2)
@@ -69,24 +47,10 @@ def test_a_run_trains_only_the_new_prompt(setup, run):
         assert torch.equal(second[name], t), name            # task 1's prompt and MLP did not move
 
 
-def test_a_checkpoint_is_evaluated_with_its_prompts(run):
+def test_generation_reads_the_checkpoints_prompts(run):
     checkpoint = run / "checkpoints" / "task02"
     bare = load_hf(checkpoint).eval()
     prompted = attach_saved(load_hf(checkpoint), checkpoint).eval()
     prompts = [[1, 5, 9, 13, 4], [1, 7, 7, 20]]
-    answers = generate(prompted, prompts, 6)
-    assert answers != generate(bare, prompts, 6)
-    assert answers == generate(prompted, prompts, 6, use_cache=False)
     method = ProgressivePrompts.load(checkpoint / FILE, bare.args)
-    assert answers == generate(bare, prompts, 6, prefix=method.prefix(2))
-
-
-def test_two_ranks_train_as_one_process(setup, run, tmp_path):
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29700 + os.getpid() % 1000))
-    two = train(setup, tmp_path / "two", launcher)
-    assert two["R"] == json.loads((run / "results.json").read_text())["R"]
-    for a, b in zip(logged(run), logged(tmp_path / "two")):
-        for key, value in a.items():
-            if isinstance(value, float):
-                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, a, b)
+    assert generate(prompted, prompts, 6) == generate(bare, prompts, 6, prefix=method.prefix(2))

@@ -139,7 +139,7 @@ def summarize(out: Path, configs, seeds, minutes: dict, tag: str = "") -> str:
             lines += [f"{c}, seed {s}:", "```", "θ_0 " + "  ".join(f"{b:.2f}" for b in r["base"]),
                       format_matrix(r["R"], [t.split("_")[0] for t in r["tasks"]], row_names=rows), "```"]
     if minutes:
-        lines += ["", f"Wall time of the runs (minutes, one thread each): "
+        lines += ["", "Wall time of the runs (minutes, one thread each): "
                       + ", ".join(f"{c} {statistics.mean(m):.1f}" for c, m in minutes.items())]
     text = "\n".join(lines) + "\n"
     suffix = f"-{tag}" if tag else ""
