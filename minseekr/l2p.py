@@ -90,7 +90,7 @@ class L2P(nn.Module):
 
     @classmethod
     def load(cls, path, args):
-        info, _ = read_method(path)
+        info, _ = read_method(path, tensors=False)
         method = cls(args, info["pool"], info["length"], info["top_k"], info["pull"])
         load_method(method, path)
         method.tasks = info["tasks"]

@@ -81,7 +81,7 @@ class OLoRA(torch.nn.Module):
     @classmethod
     def load(cls, path, args):
         """An O-LoRA written by `save`, every task's LoRA frozen."""
-        info, _ = read_method(path)
+        info, _ = read_method(path, tensors=False)
         method = cls(args, info["targets"], info["rank"], info["alpha"], info["dropout"], info["lambda1"],
                      info["lambda2"])
         method.begin_task(info["tasks"] - 1)

@@ -144,12 +144,12 @@ def save_method(module: nn.Module, path, info: dict):
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"method": json.dumps(info)}))
 
 
-def read_method(path) -> tuple[dict, dict]:
-    """The `info` and the tensors of a file `save_method` wrote."""
+def read_method(path, tensors: bool = True) -> tuple[dict, dict]:
+    """The `info` and the tensors (none unless `tensors`: the header alone is read) of a `save_method` file."""
     try:
         with safe_open(str(path), "pt") as f:
             info = json.loads((f.metadata() or {})["method"])
-            return info, {name: f.get_tensor(name) for name in f.keys()}
+            return info, {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
     except Exception as e:   # safetensors raises several types for a damaged or foreign file
         raise InputError(f"{path}: not a method file written by save_method ({e!r})") from None
 

@@ -37,7 +37,7 @@ def attach_saved(model, folder):
     """`model` with the method saved in `folder` attached (frozen, on the model's device); unchanged if none."""
     file = Path(folder) / FILE
     if file.is_file():
-        info, _ = read_method(file)
+        info, _ = read_method(file, tensors=False)
         PET[info["method"]].load(file, model.args).to(model.device).attach(model)
     return model
 
@@ -64,7 +64,7 @@ def load_state(path, method, rank: int, device) -> dict | None:
             torch.cuda.set_rng_state(f.get_tensor("cuda"), device)
     if not (Path(path) / FILE).is_file():
         return None
-    info, _ = read_method(Path(path) / FILE)
+    info, _ = read_method(Path(path) / FILE, tensors=False)
     method.begin_task(info["tasks"] - 1)
     load_method(method, Path(path) / FILE)
     with safe_open(str(Path(path) / ADAMW), "pt", device=str(device)) as f:

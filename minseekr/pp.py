@@ -94,7 +94,7 @@ class ProgressivePrompts(nn.Module):
     @classmethod
     def load(cls, path, args):
         """Progressive Prompts written by `save`, every prompt frozen."""
-        info, _ = read_method(path)
+        info, _ = read_method(path, tensors=False)
         method = cls(args, info["n_tokens"], info["bottleneck"])
         method.begin_task(info["tasks"] - 1)
         load_method(method, path)
