@@ -26,6 +26,9 @@ class Method:
     penalises_drift: bool = False     # adds a quadratic penalty towards earlier weights (EWC)
     joint: bool = False               # trains once on every task together (MTL, the upper bound)
     adapts: bool = False              # trains only its own parameters beside the frozen model (PET: olora.py)
+    learns_inputs: bool = False       # also trains to write the task's inputs: LM loss on prompt tokens (LFPT5)
+    pseudo_replay: bool = False       # its buffer R_k holds samples θ_k writes of task k, never real ones (LFPT5)
+    pseudo_inputs: bool = False       # keeps pseudo-inputs of each finished task for the method (SAPT's ARM)
 
 
 METHODS = {
@@ -39,6 +42,8 @@ METHODS = {
     "olora": Method(adapts=True),                                             # a new LoRA per task, orthogonal
     "pp": Method(adapts=True),                                                # a new soft prompt per task
     "l2p": Method(adapts=True),                                               # a prompt pool chosen by the input
+    "lfpt5": Method(adapts=True, replays=True, distils_logits=True, learns_inputs=True, pseudo_replay=True),
+    "sapt": Method(adapts=True, pseudo_inputs=True),                          # a LoRA per task, mixed per input
 }
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 PRESETS = ("paper", "official")
@@ -127,17 +132,17 @@ class ContinualConfig:
                                check=NONNEGATIVE)
     ewc_weight: float = option(1e4, "ewc: λ of the penalty (λ/2) Σ F (θ − θ*)²", check=NONNEGATIVE)
     ewc_samples: int = option(64, "ewc: samples of D_k for the diagonal Fisher", check=AT_LEAST_1)
-    lora_targets: str = option("q_proj,v_proj", "olora: the projections a LoRA adapts (comma-separated)")
+    lora_targets: str = option("q_proj,v_proj", "olora, sapt: the projections a LoRA adapts (comma-separated)")
     lora_rank: int = option(8, "olora: the LoRA rank r (O-LoRA's scripts)", check=AT_LEAST_1)
-    lora_alpha: float = option(32.0, "olora: LoRA's α; the update is scaled by α/r (O-LoRA's scripts)",
-                               check=POSITIVE)
+    lora_alpha: float = option(32.0, "olora, sapt: LoRA's α; the update is scaled by α/r (O-LoRA's and SAPT's "
+                               "scripts)", check=POSITIVE)
     lora_dropout: float = option(0.1, "olora: dropout on a LoRA's input while training", check=BETA)
     olora_lambda1: float = option(0.5, "olora: λ1, the weight of Σ|A_old A_newᵀ| (O-LoRA's scripts)",
                                   check=NONNEGATIVE)
     olora_lambda2: float = option(0.0, "olora: λ2, the weight of the new LoRA's L2 norms (O-LoRA's scripts)",
                                   check=NONNEGATIVE)
-    prompt_tokens: int = option(10, "pp: soft-prompt vectors per task (Progressive Prompts' scripts)",
-                                check=AT_LEAST_1)
+    prompt_tokens: int = option(10, "pp: soft-prompt vectors per task (Progressive Prompts' scripts); lfpt5: "
+                                "its one prompt's", check=AT_LEAST_1)
     prompt_bottleneck: int = option(800, "pp: width of the prompt's residual MLP (Progressive Prompts' code)",
                                     check=AT_LEAST_1)
     l2p_pool: int = option(10, "l2p: prompts in the pool, M (the L2P paper)", check=AT_LEAST_1)
@@ -145,6 +150,15 @@ class ContinualConfig:
     l2p_top_k: int = option(3, "l2p: prompts read before an input, N (TRACE's L2P)", check=AT_LEAST_1)
     l2p_pull: float = option(0.5, "l2p: λ, the weight of the chosen keys' pull towards the query (TRACE's L2P)",
                              check=NONNEGATIVE)
+    lfpt5_gen_weight: float = option(0.25, "lfpt5: λ_gen, the weight of the LM loss on the prompt's tokens "
+                                     "(LFPT5, LAMOL)", check=NONNEGATIVE)
+    sapt_rank: int = option(4, "sapt: each task's LoRA rank r (SAPT's code; α is --lora-alpha, 32 as theirs)",
+                            check=AT_LEAST_1)
+    sapt_dropout: float = option(0.0, "sapt: dropout on a LoRA's input while training (SAPT's code)", check=BETA)
+    arm_weight: float = option(1.0, "sapt: λ_ARM, the weight of ARM's KL on pseudo-inputs (SAPT's --kl_ratio)",
+                               check=NONNEGATIVE)
+    pseudo_inputs: str = option("self", "sapt: the earlier tasks' pseudo-inputs: 'self' (written by the model, "
+                                "--replay-ratio of each task) or a folder of SAPT's <task>/pseudo.json")
     eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)",
                                check=NONNEGATIVE)
     max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)", check=AT_LEAST_1)

@@ -13,6 +13,10 @@ between tasks:
     olora   the model frozen, a new LoRA per task orthogonal to the earlier ones' (minseekr/olora.py)
     pp      the model frozen, a new soft prompt per task read before the earlier ones' (minseekr/pp.py)
     l2p     the model frozen, a pool of prompts with keys, the nearest to each input read before it (l2p.py)
+    lfpt5   the model frozen, one prompt that also learns to write the task's inputs; it replays samples the
+            model writes of earlier tasks, as DER++ replays real ones (lfpt5.py)
+    sapt    the model frozen, a LoRA per task mixed per input by an attention over tasks, which pseudo-inputs
+            of earlier tasks keep in place (sapt.py)
 
 Per task k:
   1. R_k is drawn from D_k *before* training (the draw depends on no model) together with its query rows T;
@@ -42,6 +46,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,7 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from minseekr import heads, pet
+from minseekr import heads, pet, pseudo
 from minseekr.baselines import EWC
 from minseekr.batches import device_batch, encode, index_batches, interleave, my_part, n_labels
 from minseekr.buffer import TaskMemory, write_task
@@ -127,13 +132,7 @@ class ContinualTrainer:
         probe = None
         if memory is not None and self.method.distils_attention and self.distilled_heads(memory):
             probe = self.kl_probe(batch, memory)
-        n = self.pet.n_prefix if self.pet else 0   # soft prompts (pp, l2p), chosen inside the forward
-        if n == 0:
-            logits = self.model(batch["input_ids"], batch["attention_mask"], probe=probe)
-        else:   # the prompts are read like tokens; their own outputs predict nothing
-            real = batch["attention_mask"]
-            mask = torch.cat([real.new_ones(real.shape[0], n), real], 1)
-            logits = self.model(batch["input_ids"], mask, probe=probe, prefix=self.pet.choose)[:, n:]
+        logits = self.forward(batch["input_ids"], batch["attention_mask"], probe, batch["labels"])
         predicting = batch["labels"][:, 1:] != -100
         ce = token_losses(logits, batch["labels"])[predicting].sum()
         sums, loss = {}, ce / n_tokens
@@ -142,6 +141,11 @@ class ContinualTrainer:
             sums[name] = (term, counts["samples"])
         if memory is None:
             sums["task_ce"] = (ce, n_tokens)
+            if self.method.learns_inputs:   # LFPT5: the prompt also learns to write the task's inputs
+                writing = batch["attention_mask"].bool() & (batch["labels"] == -100)
+                lm = token_losses(logits, batch["input_ids"].masked_fill(~writing, -100)).sum()
+                loss = loss + cfg.lfpt5_gen_weight * lm / counts["inputs"]
+                sums["input_lm"] = (lm, counts["inputs"])
             if self.teacher is not None:
                 with torch.no_grad():
                     old = self.teacher.model(batch["input_ids"], batch["attention_mask"])[:, :-1][predicting]
@@ -167,6 +171,17 @@ class ContinualTrainer:
                 raise NonFiniteError(f"optimiser step {self.optim.step + 1}: the loss term {name} is {value}; "
                                      f"nothing of this step was applied or saved (a lower --lr, or the data?)")
         return terms
+
+    def forward(self, input_ids, attention_mask, probe=None, labels=None):
+        """The model's logits with a PET method's full forward: its soft prompts (or SAPT's weights), chosen from
+        the prompt tokens as at generation (every real token without `labels`), read first; their rows dropped."""
+        if not self.pet:
+            return self.model(input_ids, attention_mask, probe=probe)
+        prompt = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
+        n = self.pet.n_prefix   # the prompts are read like tokens; their own outputs predict nothing
+        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], n), attention_mask], 1)
+        choose = lambda embeddings, _: self.pet.choose(embeddings, prompt)   # noqa: E731
+        return self.model(input_ids, mask, probe=probe, prefix=choose)[:, n:]
 
     def embedding_rows(self, ids):
         """Rows `ids` of the model's token embeddings, read from the engine (every rank iterates alike)."""
@@ -222,6 +237,7 @@ class ContinualTrainer:
         cfg, ks = self.cfg, self.stages[s]
         train = [x for k in ks for x in encode(self.tok, self.tasks[k].train, cfg.max_len)]
         tokens = [n_labels(x["labels"]) for x in train]
+        inputs = [int((x["labels"][1:] == -100).sum()) for x in train]   # LFPT5's input-writing terms
         replay = self.draw_replay(s, train)
         scoring = self.score_batches(replay)       # R_k's batches, for θ_{k−1}'s snapshot and θ_k's scores
         if self.pet:                               # task k's own parameters and a fresh AdamW for them
@@ -252,7 +268,7 @@ class ContinualTrainer:
                 part, weight = my_part(idx, self.rank, self.world)   # this rank reads only its samples
                 samples = [train[x] if memory is None else memory[x] for x in part]
                 counts = {"tokens": sum((tokens if memory is None else self.memory_tokens[source])[x] for x in idx),
-                          "samples": len(idx),
+                          "samples": len(idx), "inputs": sum(inputs[x] for x in idx) if memory is None else 0,
                           "rows": 0 if memory is None else sum(self.memory_rows[source][x] for x in idx)}
                 first = step - step % cfg.grad_accum
                 terms = self.micro_step(samples, weight, counts, memory, n_micro=min(cfg.grad_accum, total - first))
@@ -292,11 +308,15 @@ class ContinualTrainer:
     def draw_replay(self, s, train):
         """R_k with its query rows: seeded per task, independent of any model (empty unless the method replays)."""
         cfg, m = self.cfg, self.replay_size(s)
-        if m == 0:
+        if m == 0 or self.method.pseudo_replay:   # LFPT5's R_k is written by θ_k after the task (`remember`)
             return []
         idx = list(range(m)) if cfg.replay_select == "first" else \
             sorted(random.Random(f"{cfg.seed}-replay-{s}").sample(range(len(train)), m))
-        replay = [dict(train[i]) for i in idx]          # copies: rows are added to these only
+        return self.with_rows(s, [dict(train[i]) for i in idx])   # copies: rows are added to these only
+
+    def with_rows(self, s, replay):
+        """R_k's samples with their query rows T, drawn seeded per task."""
+        cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + s)
         for sample in replay:   # min(n, B_T) distinct rows per sample (every row when B_T = 0)
             mask = torch.ones(1, sample["input_ids"].numel(), dtype=torch.long)
@@ -399,7 +419,8 @@ class ContinualTrainer:
         mine = []
         for b, (batch, weight, _) in enumerate(batches):
             # Every rank runs every batch's forward (an empty share runs a stand-in), keeping only real samples.
-            signals = teacher_signals(self.model, batch, stored, self.dtype, self.cfg.logit_topk, self.attn_dtype)
+            forward = partial(self.forward, labels=batch["labels"])   # a PET method's full forward (LFPT5)
+            signals = teacher_signals(forward, batch, stored, self.dtype, self.cfg.logit_topk, self.attn_dtype)
             if weight:
                 first = b * self.cfg.batch_size + self.rank
                 mine += [(first + j * self.world, sig) for j, sig in enumerate(signals)]
@@ -437,6 +458,41 @@ class ContinualTrainer:
         """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
         model = pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
         return [self.eval_fn(model, self.tasks[j]) for j in tasks]
+
+    def remember(self, s, path):
+        """What a method keeps of task s from θ_s (exported at `path`) rather than from its data: LFPT5's R_k,
+        samples θ_s writes, stored with θ_s's logits; SAPT's w̄_s on held-out inputs and its pseudo-inputs
+        (SAPT's released ones, or written by θ_s). Every rank writes the same samples (seeded)."""
+        cfg, task = self.cfg, self.tasks[s]
+        if not (self.method.pseudo_replay or self.method.pseudo_inputs):
+            return
+        prompts = [r["prompt"] for r in task.train]
+        if self.method.pseudo_replay or cfg.pseudo_inputs == "self":
+            model = pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
+            longest = max(len(self.tok.encode(r["prompt"] + r["answer"])) for r in task.train)
+            samples = pseudo.generate_samples(model, self.tok, prompts, max(1, round(cfg.replay_ratio * len(prompts))),
+                                              min(longest, cfg.max_len), seed=cfg.seed * 1000 + s)
+            del model
+            if not samples:
+                raise NonFiniteError(f"task {s} ({task.name}): θ_{s + 1} wrote no pseudo-sample in its tasks' frame "
+                                     f"(a prompt, the prompts' shared ending, an answer); --method {cfg.method} "
+                                     f"has nothing to keep of it")
+        if self.method.pseudo_replay:
+            self.write_buffer(s, self.score_batches(self.with_rows(s, encode(self.tok, samples, cfg.max_len))))
+            return
+        held_out = [r["prompt"] for r in task.eval or task.train]   # never the test split
+        inputs = [r["prompt"] for r in samples] if cfg.pseudo_inputs == "self" else \
+            pseudo.released(cfg.pseudo_inputs, task.name, prompts)
+        self.pet.end_task(s, self.prompt_embeddings(held_out), self.prompt_embeddings(inputs))
+        if self.rank == 0:   # the checkpoint's method file, with what it now keeps of task s
+            self.pet.save(Path(path) / pet.FILE)
+
+    def prompt_embeddings(self, prompts):
+        """Each prompt's frozen token embeddings (tokens, dim), as generation reads the prompt, one at a time."""
+        ids = [torch.tensor(self.tok.prompt(p, self.cfg.max_prompt_len)) for p in prompts]
+        unique, inverse = torch.cat(ids).unique(return_inverse=True)
+        rows = self.embedding_rows(unique)
+        return (rows[i] for i in inverse.split([len(x) for x in ids]))
 
     def save_resume(self, position: Position):
         """A resume point: sharded weights + AdamW (+ EWC) and the run's state; then `resume/latest.json`."""
@@ -502,6 +558,7 @@ class ContinualTrainer:
             self.train_task(s, at if at and at.task == s else None)
             path = self.run.checkpoint(s + 1)
             self.export(path)
+            self.remember(s, path)
             seen = n_tasks if self.method.joint else min(s + 2, n_tasks)
             self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (n_tasks - seen))
             if self.rank == 0:

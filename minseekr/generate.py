@@ -45,7 +45,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
         raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1, got temperature={temperature}, top_p={top_p}")
     weight = model.model.embed_tokens.weight
     B, P = len(prompts), max(len(p) for p in prompts)      # P: the longest prompt
-    chooser = getattr(model, "soft_prompts", None)   # a prompt method attached (pp.py, l2p.py)
+    chooser = getattr(model, "soft_prompts", None)   # a method attached (pp.py, l2p.py, lfpt5.py, sapt.py)
     n = 0 if prefix is None else prefix.shape[1]            # the mask's first n columns: the soft prompts
     if prefix is not None and prefix.shape[0] != B:
         raise ValueError(f"prefix holds {prefix.shape[0]} sequences of soft prompts for {B} prompts")
@@ -56,10 +56,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
         mask[i, n + P - len(p):n + P] = 1
-    if prefix is None and chooser is not None:   # its prompts, chosen from the prompt tokens' embeddings
+    if prefix is None and chooser is not None:   # its prompts (or SAPT's weights), from the prompt's embeddings
         with torch.no_grad():
             prefix = chooser(model.model.embed_tokens(tokens[:, :P]), mask[:, :P])
-        n = prefix.shape[1]
+        n = 0 if prefix is None else prefix.shape[1]
         mask = torch.cat([mask.new_ones(B, n), mask], 1)
     done = torch.zeros(B, dtype=torch.bool, device=weight.device)
     cache = KVCache(model.args, B, n + total, dtype=weight.dtype, device=weight.device) if use_cache else None

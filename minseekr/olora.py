@@ -52,6 +52,9 @@ class OLoRA(torch.nn.Module):
 
     n_prefix = 0   # no soft prompts
 
+    def choose(self, embeddings, mask):
+        return None
+
     def penalty(self, k: int) -> dict:
         """O-LoRA's terms for task k's LoRA: λ1 · orthogonality to every earlier LoRA, λ2 · its norms."""
         new, old = self.bank.loras[k], self.bank.loras[:k]

@@ -4,12 +4,13 @@ A PET method trains only its own parameters beside the frozen model (`config.Met
 holds the base model's HF files and, beside them, the method's parameters (`FILE`); whoever evaluates or
 generates from the checkpoint puts the method back with `attach_saved`, so its full forward always runs.
 
-What the trainer asks of a method (`olora.OLoRA`, `pp.ProgressivePrompts`, `l2p.L2P`): `from_config(args, cfg)`;
-`attach(model)` (hooks, or soft prompts for generation); `begin_task(k, embedding_rows)` (task k's parameters
-trainable, the earlier ones frozen); `trainable()`; `n_prefix` and `choose(embeddings, mask)` (the soft prompts
-read before a batch, chosen inside the forward from its token embeddings); `batch_loss()` (a term of the last
-forward, summed over its samples, or None); `add_penalty_grad(k)` (once per optimiser step; its logged terms);
-`tasks`; `save(path)` / `load(path, args)`.
+What the trainer asks of a method (`olora.OLoRA`, `pp.ProgressivePrompts`, `l2p.L2P`, `lfpt5.LFPT5`, `sapt.SAPT`):
+`from_config(args, cfg)`; `attach(model)` (hooks, or soft prompts for generation); `begin_task(k, embedding_rows)`
+(task k's parameters trainable, the earlier ones frozen); `trainable()`; `n_prefix` and `choose(embeddings, mask)`
+(the soft prompts read before a batch, or None, chosen inside the forward from its prompt tokens' embeddings; SAPT
+sets its LoRAs' weights there); `batch_loss()` (a term of the last forward, summed over its samples, or None);
+`add_penalty_grad(k)` (once per optimiser step; its logged terms); `tasks`; `save(path)` / `load(path, args)`; with
+`Method.pseudo_inputs`, `end_task(k, held_out, pseudo)`.
 """
 from pathlib import Path
 
@@ -18,12 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minseekr.l2p import L2P
+from minseekr.lfpt5 import LFPT5
 from minseekr.olora import OLoRA
 from minseekr.peft import load_method, read_method
 from minseekr.pp import ProgressivePrompts
 from minseekr.runtime import atomic_write
+from minseekr.sapt import SAPT
 
-PET = {"olora": OLoRA, "pp": ProgressivePrompts, "l2p": L2P}
+PET = {"olora": OLoRA, "pp": ProgressivePrompts, "l2p": L2P, "lfpt5": LFPT5, "sapt": SAPT}
 FILE = "method.safetensors"
 ADAMW = "method-adamw.safetensors"    # in a resume point: the AdamW state of the method's parameters
 

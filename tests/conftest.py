@@ -92,13 +92,15 @@ PET_FLAGS = {
               "--lora-dropout", "0"],
     "pp": ["--lr", "3e-2", "--prompt-tokens", "4", "--prompt-bottleneck", "16"],
     "l2p": ["--lr", "3e-2", "--l2p-pool", "6", "--l2p-length", "2", "--l2p-top-k", "2"],
+    "lfpt5": ["--lr", "3e-2", "--prompt-tokens", "4", "--replay-ratio", "0.25"],
+    "sapt": ["--lr", "1e-2", "--sapt-rank", "2", "--lora-alpha", "8", "--replay-ratio", "0.25"],
 }
 
 
-def pet_train(inputs, method, out, launcher=(sys.executable,)):
-    """`train.py --method METHOD` on the tiny inputs (model dir, data dir); its results.json."""
+def pet_train(inputs, method, out, launcher=(sys.executable,), extra=()):
+    """`train.py --method METHOD` (and `extra` flags) on the tiny inputs (model dir, data dir); its results.json."""
     flags = ["--model", str(inputs[0]), "--data", str(inputs[1]), "--method", method, *PET_COMMON,
-             *PET_FLAGS[method]]
+             *PET_FLAGS[method], *extra]
     return train_process(flags, out, launcher)
 
 

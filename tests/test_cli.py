@@ -34,7 +34,7 @@ def test_help_gives_every_flag_a_description_and_its_choices():
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     assert "--fsdp {minseekr,torch} training engine" in text
-    assert "--method {seqft,replay,derpp,seekr,lwf,ewc,mtl,olora,pp,l2p} continual-learning method" in text
+    assert "--method {seqft,replay,derpp,seekr,lwf,ewc,mtl,olora,pp,l2p,lfpt5,sapt} continual-learning method" in text
     assert "--importance {paper,official}" in text and "--ad-norm {mean,official}" in text
     assert "--epochs A,B,... epochs per task (one value repeats); default: the order's" in text
     assert "--lambda2 LAMBDA2 λ2 of Eq. 13: the attention-distillation weight (default: 1000.0)" in text

@@ -8,11 +8,13 @@ import torch
 from conftest import shared_path
 from minseekr.buffer import TaskMemory
 from minseekr.checkpoint import load_hf
-from minseekr.config import ContinualConfig
+from minseekr.config import METHODS, ContinualConfig
 from minseekr.batches import interleave
 from minseekr.continual import ContinualTrainer
 from minseekr.data import Task, load_sequence
 from minseekr.model import ModelArgs, Transformer
+from minseekr.peft import read_method
+from minseekr.pet import FILE
 from minseekr.synthetic import make_records, train_tokenizer
 from minseekr.tokenizer import Tokenizer
 
@@ -155,7 +157,7 @@ def logged(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["seekr", "ewc", "lwf", "olora", "pp", "l2p"])
+@pytest.mark.parametrize("method", ["seekr", "ewc", "lwf", "olora", "pp", "l2p", "lfpt5", "sapt"])
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkeypatch, method):
     """Crash at the 7th optimiser step (task 2, mid-epoch), resume: same weights, results and log."""
     tok, tasks = toy
@@ -186,6 +188,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkey
     a, b = (load_hf(tmp_path / run / "checkpoints" / "task03") for run in ("whole", "cut"))
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+    if METHODS[method].adapts:   # and the method's own parameters (and SAPT's task memories)
+        a, b = (read_method(tmp_path / run / "checkpoints" / "task03" / FILE)[1] for run in ("whole", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_resume_of_a_directory_without_a_run_names_the_file(toy, tmp_path):

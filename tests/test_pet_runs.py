@@ -15,7 +15,6 @@ from minseekr.peft import read_method
 from minseekr.pet import FILE, attach_saved
 
 
-
 @pytest.fixture(params=list(PET_FLAGS))
 def run(request, pet_runs):
     return (request.param, *pet_runs(request.param))
@@ -41,11 +40,13 @@ def test_a_checkpoint_is_evaluated_with_its_method(run):
     assert answers == generate(adapted, prompts, 6, use_cache=False), method
 
 
-def test_two_ranks_train_as_one_process(run, tmp_path):
+@pytest.mark.parametrize("engine", ["minseekr", "torch"])
+def test_two_ranks_train_as_one_process(run, tmp_path, engine):
+    """On either engine (the frozen base sharded, the method's parameters whole on every rank)."""
     method, inputs, out = run
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(29600 + os.getpid() % 1000))
-    two = pet_train(inputs, method, tmp_path / "two", launcher)
+    two = pet_train(inputs, method, tmp_path / "two", launcher, extra=["--fsdp", engine])
     assert two["R"] == json.loads((out / "results.json").read_text())["R"]
     for a, b in zip(logged(out), logged(tmp_path / "two")):
         for key, value in a.items():

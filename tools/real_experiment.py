@@ -74,6 +74,11 @@ CONFIGS = {
     "seekr-sensitivity": dict(method="seekr", head_score="sensitivity"),
     "seekr-forgettability": dict(method="seekr", head_score="forgettability"),
     "replay-all": dict(method="replay", replay_ratio=1.0),
+    # Two parameter-efficient methods (#13), the model frozen, each with its authors' defaults (olora.py, sapt.py)
+    # and O-LoRA's lr, 1e-3, for both (SAPT's 5e-5 is for 50 epochs, not six steps); not tuned. SAPT replays
+    # its own released pseudo-inputs (../sapt-pseudo beside --data).
+    "olora": dict(method="olora", lr=1e-3),
+    "sapt": dict(method="sapt", lr=1e-3, pseudo_inputs="released"),
 }
 
 
@@ -89,6 +94,8 @@ def flags(settings: dict) -> list[str]:
 def command(model, data, out_dir, config: str, seed: int) -> list[str]:
     """The train.py command of one run, on one thread."""
     settings = {**SETTINGS, **CONFIGS[config], "seed": seed}
+    if settings.get("pseudo_inputs") == "released":
+        settings["pseudo_inputs"] = str(Path(data).parent / "sapt-pseudo")
     return [sys.executable, str(ROOT / "train.py"), "--model", str(model), "--data", str(data),
             "--order", ",".join(ORDER), "--out", str(out_dir), "--device", "cpu", "--threads", "1", *flags(settings)]
 
