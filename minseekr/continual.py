@@ -44,6 +44,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from functools import partial
@@ -105,6 +106,13 @@ class ContinualTrainer:
                                      f"{len(task.train)}) = 0 samples of task {task.name} ({len(task.train)} training "
                                      f"samples), so --method {cfg.method} would replay nothing of it: use "
                                      f"--replay-ratio ≥ {1 / len(task.train):.3g}, or more training samples")
+        for task in tasks if self.method.pseudo_replay or self.method.pseudo_inputs else []:   # before training
+            prompts = [r["prompt"] for r in task.train]
+            if self.method.pseudo_replay and not pseudo.frame(prompts)[1]:
+                raise InputError(f"task {task.name}: its prompts share no ending, so --method {cfg.method} cannot "
+                                 f"tell a written input from its answer")
+            if self.method.pseudo_inputs and cfg.pseudo_inputs != "self":
+                pseudo.released(cfg.pseudo_inputs, task.name, prompts)
         self.scores = heads.HeadScores(args.n_layers, args.n_heads)
         self.selected = []                  # the current selection H (Algorithm 1, line 10)
         self.memories = []                  # TaskMemory per finished task
@@ -471,13 +479,17 @@ class ContinualTrainer:
             model = pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
             longest = max(len(self.tok.encode(r["prompt"] + r["answer"])) for r in task.train)
             samples = pseudo.generate_samples(model, self.tok, prompts, max(1, round(cfg.replay_ratio * len(prompts))),
-                                              min(longest, cfg.max_len), seed=cfg.seed * 1000 + s)
+                                              min(longest, cfg.max_len), cfg.seed * 1000 + s,
+                                              answers=self.method.pseudo_replay)
             del model
-            if not samples:
-                raise NonFiniteError(f"task {s} ({task.name}): θ_{s + 1} wrote no pseudo-sample in its tasks' frame "
-                                     f"(a prompt, the prompts' shared ending, an answer); --method {cfg.method} "
-                                     f"has nothing to keep of it")
-        if self.method.pseudo_replay:
+            if not samples and self.method.pseudo_inputs:
+                raise NonFiniteError(f"task {s} ({task.name}): θ_{s + 1} wrote no pseudo-input; --method {cfg.method} "
+                                     f"has nothing to keep of it (give SAPT's with --pseudo-inputs DIR)")
+        if self.method.pseudo_replay:   # what θ_k could not write is not replayed: say so, keep what it wrote
+            if len(samples) < round(cfg.replay_ratio * len(prompts)) and self.rank == 0:
+                print(f"warning: task {s} ({task.name}): θ_{s + 1} wrote {len(samples)} of "
+                      f"{round(cfg.replay_ratio * len(prompts))} pseudo-samples in the frame of its prompts (an "
+                      f"input, their shared ending, an answer); only those are replayed", file=sys.stderr)
             self.write_buffer(s, self.score_batches(self.with_rows(s, encode(self.tok, samples, cfg.max_len))))
             return
         held_out = [r["prompt"] for r in task.eval or task.train]   # never the test split

@@ -52,13 +52,14 @@ def released(root, task: str, prompts: list[str]) -> list[str]:
     return [prefix + x + suffix for x in inputs]
 
 
-def generate_samples(model, tok, prompts: list[str], n: int, max_new_tokens: int, seed: int,
+def generate_samples(model, tok, prompts: list[str], n: int, max_new_tokens: int, seed: int, answers: bool = True,
                      temperature: float = 1.0, top_p: float = 0.9, tries: int = 4) -> list[dict]:
     """n {"prompt", "answer"} samples of the task whose prompts are `prompts`, written by `model` from their
-    shared P (sampled, seeded: every rank writes the same); a continuation that never reaches S, or ends without
-    an answer, is drawn again, up to `tries` rounds. The answer is "" where S is empty (nothing marks it)."""
+    shared P (sampled, seeded: every rank writes the same). The input is the text up to S (all of it where S never
+    comes), the answer what follows S. A continuation without an input, or (with `answers`, LFPT5) without S and
+    an answer after it, is drawn again, up to `tries` rounds."""
     prefix, suffix = frame(prompts)
-    start = tok.encode(prefix) if prefix else tok.encode("")
+    start = tok.encode(prefix)
     if not start:
         raise DataError("the task's prompts share no beginning and the tokenizer adds no BOS: nothing to "
                         "generate pseudo-samples from")
@@ -68,12 +69,9 @@ def generate_samples(model, tok, prompts: list[str], n: int, max_new_tokens: int
         for ids in generate(model, [start] * (n - len(samples)), max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=temperature, top_p=top_p, generator=generator):
             text = tok.decode(ids)
-            if not suffix:
-                samples.append({"prompt": prefix + text, "answer": ""})
-            elif suffix in text:
-                body, answer = text.split(suffix, 1)
-                if body.strip() and answer.strip():
-                    samples.append({"prompt": prefix + body + suffix, "answer": answer.strip()})
+            body, answer = text.split(suffix, 1) if suffix and suffix in text else (text, "")
+            if body.strip() and (answer.strip() or not answers):
+                samples.append({"prompt": prefix + body + suffix, "answer": answer.strip()})
         if len(samples) == n:
             break
     return samples

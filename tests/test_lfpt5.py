@@ -89,3 +89,11 @@ def test_a_generated_sample_counts_only_with_an_input_and_an_answer(tok, monkeyp
     samples = pseudo.generate_samples(tiny_model(tok.vocab_size), tok, prompts, 4, 8, seed=0, tries=2)
     assert asked == [("rev:", 4), ("rev:", 3)]        # continued from P; the second round redraws the three lost
     assert samples == [{"prompt": "rev:ab=", "answer": "ba"}, {"prompt": "rev:ca=", "answer": "ac"}]
+
+
+def test_prompts_without_a_shared_ending_stop_the_run_before_training(tok, tmp_path):
+    records = [{"prompt": "rev:abc=", "answer": "cba"}, {"prompt": "rev:ab", "answer": "ba"}]
+    cfg = ContinualConfig(method="lfpt5", replay_ratio=0.5)
+    with pytest.raises(ValueError, match="task rev: its prompts share no ending, so --method lfpt5 cannot tell"):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, [Task("rev", records, [], records)], cfg, tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -141,3 +141,19 @@ def test_released_pseudo_inputs_take_the_tasks_own_frame(tmp_path):
     assert released(tmp_path, "task007_sort_words", prompts) == ["Definition: sort.\nInput: z y\nOutput: "]
     with pytest.raises(ValueError, match="no folder for task task008"):
         released(tmp_path, "task008", prompts)
+
+
+def test_a_missing_pseudo_input_folder_stops_the_run_before_training(tmp_path):
+    from minseekr.config import ContinualConfig
+    from minseekr.continual import ContinualTrainer
+    from minseekr.data import Task
+    from minseekr.synthetic import make_records, train_tokenizer
+    from minseekr.tokenizer import Tokenizer
+    from test_continual import tiny_model
+    train_tokenizer(tmp_path / "t.model")
+    tok = Tokenizer(str(tmp_path / "t.model"))
+    tasks = [Task(t, make_records(t, 8, 0), [], make_records(t, 2, 1)) for t in ("rev", "rot")]
+    cfg = ContinualConfig(method="sapt", pseudo_inputs=str(tmp_path / "none"), replay_ratio=0.25)
+    with pytest.raises(ValueError, match=f"--pseudo-inputs {tmp_path / 'none'}: no folder for task rev"):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
