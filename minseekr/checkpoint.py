@@ -112,13 +112,13 @@ def _get(f, file: Path, name: str) -> torch.Tensor:
 
 
 def _finite(t: torch.Tensor, file: Path, name: str) -> torch.Tensor:
-    """t, or an InputError naming it: a single NaN weight would train to an all-NaN model. Checked in blocks, so the
-    check's temporaries stay small beside a tensor mapped from the file."""
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), 1 << 20):
-        if not torch.isfinite(flat[start:start + (1 << 20)]).all():
-            bad = sum(int((~torch.isfinite(block)).sum()) for block in flat.split(1 << 20))
-            raise InputError(f"{file}: tensor {name!r} holds {bad} NaN or infinite values")
+    """t, or an InputError naming it: a single NaN weight would train to an all-NaN model. One pass without
+    temporaries: a sum is NaN or infinite when any term is; only then (or if it overflowed) are values counted."""
+    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
+        return t
+    bad = sum(int((~torch.isfinite(block)).sum()) for block in t.reshape(-1).split(1 << 20))
+    if bad:
+        raise InputError(f"{file}: tensor {name!r} holds {bad} NaN or infinite values")
     return t
 
 
@@ -180,16 +180,19 @@ class HFCheckpoint:
         return files
 
     def read(self, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
-        """Every parameter, file by file: the file's own pages on the CPU in its dtype, else cast one at a time."""
+        """Every parameter, file by file: the file's own pages on the CPU in its dtype, else cast one at a time
+        straight from the mapped file (no copy in the file's dtype), each tensor's mapping closed once it is cast,
+        so the file is never resident beside the converted weights."""
         state = {}
         for file in dict.fromkeys(self.files[name] for name in self.shapes):
             names = [n for n in self.shapes if self.files[n] == file]
-            zero_copy = torch.device(device).type == "cpu" and all(dtype in (None, self.dtypes[n]) for n in names)
-            # Otherwise a tensor of its own per read, so the file is never resident beside the converted copy.
-            with _open(file, "mmap" if zero_copy else "pread") as f:
-                for name in names:
-                    t = _finite(_get(f, file, name), file, name)
-                    state[name] = t if zero_copy else t.to(device=device, dtype=dtype)
+            if torch.device(device).type == "cpu" and all(dtype in (None, self.dtypes[n]) for n in names):
+                with _open(file) as f:
+                    state.update((name, _finite(_get(f, file, name), file, name)) for name in names)
+                continue
+            for name in names:
+                with _open(file) as f:
+                    state[name] = _finite(_get(f, file, name), file, name).to(device=device, dtype=dtype)
         return state
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:

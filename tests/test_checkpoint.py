@@ -201,3 +201,23 @@ def test_loading_peaks_below_1_3x_the_checkpoint_size(dtype, tmp_path):
     # The lower bound shows that the measurement sees the weights at all. Casting must not keep the file
     # resident beside the copy (that would be 1.5x); freed fp32 reads cached by malloc stay below 1.3x.
     assert 0.9 * loaded <= grown <= 1.3 * size, (grown, size)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_non_finite_weights_are_refused_and_huge_finite_ones_kept_with_or_without_a_cast(dtype, tmp_path):
+    """The check sums each tensor once: any NaN or inf makes the sum non-finite, and a sum that overflows on finite
+    weights alone is counted value by value before anything is refused."""
+    save_hf(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32)), tmp_path)
+    file = tmp_path / "model.safetensors"
+    clean = load_file(file)
+    for bad, values in (("NaN", [float("nan")]), ("inf", [float("inf"), -float("inf")])):
+        tensors = {k: v.clone() for k, v in clean.items()}
+        tensors["model.layers.0.mlp.up_proj.weight"][0, :len(values)] = torch.tensor(values)
+        save_file(tensors, file)
+        with pytest.raises(ValueError, match=f"'model.layers.0.mlp.up_proj.weight' holds {len(values)} NaN"):
+            load_hf(tmp_path, dtype=dtype)
+    tensors = {k: v.clone() for k, v in clean.items()}
+    tensors["model.layers.0.mlp.up_proj.weight"][0, :4] = 3e38     # finite; their sum is not
+    save_file(tensors, file)
+    loaded = load_hf(tmp_path, dtype=dtype).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(loaded, tensors["model.layers.0.mlp.up_proj.weight"].to(loaded.dtype))
