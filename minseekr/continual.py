@@ -478,18 +478,15 @@ class ContinualTrainer:
         if self.method.pseudo_replay or cfg.pseudo_inputs == "self":
             model = pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
             longest = max(len(self.tok.encode(r["prompt"] + r["answer"])) for r in task.train)
-            samples = pseudo.generate_samples(model, self.tok, prompts, max(1, round(cfg.replay_ratio * len(prompts))),
-                                              min(longest, cfg.max_len), cfg.seed * 1000 + s,
-                                              answers=self.method.pseudo_replay)
+            wanted = max(1, round(cfg.replay_ratio * len(prompts)))
+            samples = pseudo.generate_samples(model, self.tok, prompts, wanted, min(longest, cfg.max_len),
+                                              cfg.seed * 1000 + s, answers=self.method.pseudo_replay)
             del model
-            if not samples and self.method.pseudo_inputs:
-                raise NonFiniteError(f"task {s} ({task.name}): θ_{s + 1} wrote no pseudo-input; --method {cfg.method} "
-                                     f"has nothing to keep of it (give SAPT's with --pseudo-inputs DIR)")
-        if self.method.pseudo_replay:   # what θ_k could not write is not replayed: say so, keep what it wrote
-            if len(samples) < round(cfg.replay_ratio * len(prompts)) and self.rank == 0:
-                print(f"warning: task {s} ({task.name}): θ_{s + 1} wrote {len(samples)} of "
-                      f"{round(cfg.replay_ratio * len(prompts))} pseudo-samples in the frame of its prompts (an "
-                      f"input, their shared ending, an answer); only those are replayed", file=sys.stderr)
+            if len(samples) < wanted and self.rank == 0:   # what θ_k could not write is not kept: say so
+                frame = "an input, their shared ending, an answer" if self.method.pseudo_replay else "an input"
+                print(f"warning: task {s} ({task.name}): θ_{s + 1} wrote {len(samples)} of {wanted} pseudo-samples "
+                      f"in the frame of its prompts ({frame}); only those are kept", file=sys.stderr)
+        if self.method.pseudo_replay:
             self.write_buffer(s, self.score_batches(self.with_rows(s, encode(self.tok, samples, cfg.max_len))))
             return
         held_out = [r["prompt"] for r in task.eval or task.train]   # never the test split

@@ -113,6 +113,8 @@ class SAPT(nn.Module):
         """L_ARM while task k trains: Σ over earlier tasks j of mean_x KL([w̄_j ; 0] ‖ w(x)), x j's pseudo-inputs."""
         total = torch.zeros((), device=self.transform[0].weight.device)
         for anchor, inputs in zip(self.anchors[:k], self.pseudo[:k]):
+            if not len(inputs):   # the model wrote none for that task: nothing to reflect on
+                continue
             target = F.pad(anchor, (0, k + 1 - anchor.numel())).expand(inputs.shape[0], -1)
             total = total + F.kl_div(self.weights(inputs).clamp_min(1e-30).log(), target, reduction="batchmean")
         return self.arm_weight * total
@@ -129,7 +131,9 @@ class SAPT(nn.Module):
     def end_task(self, k: int, held_out, pseudo):
         """After task k: w̄_k, the mean weights on the `held_out` inputs, and the `pseudo` inputs' pooled
         embeddings, kept for ARM (each an iterable of one input's token embeddings (tokens, dim))."""
-        pooled = lambda inputs: torch.stack([self.pool(x.unsqueeze(0), None)[0] for x in inputs])   # noqa: E731
+        def pooled(inputs):
+            vectors = [self.pool(x.unsqueeze(0), None)[0] for x in inputs]
+            return torch.stack(vectors) if vectors else torch.zeros(0, self.args.dim)
         self.set_task_memory(k, self.weights(pooled(held_out)).mean(0), pooled(pseudo))
 
     def set_task_memory(self, k: int, anchor, pseudo):

@@ -157,3 +157,17 @@ def test_a_missing_pseudo_input_folder_stops_the_run_before_training(tmp_path):
     with pytest.raises(ValueError, match=f"--pseudo-inputs {tmp_path / 'none'}: no folder for task rev"):
         ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_task_without_pseudo_inputs_adds_nothing_to_arm():
+    torch.manual_seed(0)
+    method = sapt(1)
+    memory(method, 0, torch.randn(3, ARGS.dim), torch.zeros(0, ARGS.dim))   # the model wrote none for task 0
+    method.begin_task(1)
+    memory(method, 1, torch.randn(3, ARGS.dim), torch.randn(2, ARGS.dim))
+    method.begin_task(2)
+    assert method.pseudo[0].shape == (0, ARGS.dim)
+    target = torch.cat([method.anchors[1], torch.zeros(1)])
+    want = sum(sum(p * (p / q).log() for p, q in zip(target, naive_weights(method, x)) if p > 0)
+               for x in method.pseudo[1]) / 2
+    torch.testing.assert_close(method.arm(2).detach(), want.detach())
