@@ -60,7 +60,8 @@ def parse():
     p.add_argument("--vocab_size", type=int, default=32000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--load_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype to load in; auto keeps the checkpoint's (a cast converts each tensor from the mapped file)")
+                   help="dtype to load in; auto keeps the checkpoint's (a cast converts each tensor from the "
+                        "mapped file)")
     p.add_argument("--max_shard_size", default="5GB", help="as in save_pretrained; small values give a sharded checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=3)
