@@ -3,6 +3,7 @@ configuration × seed, summarises them and grafts attention (here on stories260K
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, shared_path
@@ -20,6 +21,8 @@ def test_each_configuration_is_train_py_with_the_documented_settings(config):
     ns = parser_for("train.py", "", RunConfig, ContinualConfig).parse_args(argv)
     cfg, run = from_flags(ContinualConfig, ns), from_flags(RunConfig, ns)
     want = {**experiment.SETTINGS, **experiment.CONFIGS[config], "seed": 7}
+    if want.get("pseudo_inputs") == "released":   # SAPT's own pseudo-inputs, beside the data folder
+        want["pseudo_inputs"] = str(Path("DATA").parent / "sapt-pseudo")
     for key, value in want.items():
         assert getattr(cfg, key, None) == value or getattr(run, key, None) == value, key
     assert (run.threads, run.device, run.order) == (1, "cpu", ",".join(experiment.ORDER))
