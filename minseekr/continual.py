@@ -484,8 +484,8 @@ class ContinualTrainer:
             del model
             if len(samples) < wanted and self.rank == 0:   # what θ_k could not write is not kept: say so
                 frame = "an input, their shared ending, an answer" if self.method.pseudo_replay else "an input"
-                print(f"warning: task {s} ({task.name}): θ_{s + 1} wrote {len(samples)} of {wanted} pseudo-samples "
-                      f"in the frame of its prompts ({frame}); only those are kept", file=sys.stderr)
+                tqdm.write(f"warning: task {s} ({task.name}): θ_{s + 1} wrote {len(samples)} of {wanted} pseudo-"
+                           f"samples in the frame of its prompts ({frame}); only those are kept", file=sys.stderr)
         if self.method.pseudo_replay:
             self.write_buffer(s, self.score_batches(self.with_rows(s, encode(self.tok, samples, cfg.max_len))))
             return
@@ -498,6 +498,8 @@ class ContinualTrainer:
 
     def prompt_embeddings(self, prompts):
         """Each prompt's frozen token embeddings (tokens, dim), as generation reads the prompt, one at a time."""
+        if not prompts:   # the model wrote none (every rank alike)
+            return iter(())
         ids = [torch.tensor(self.tok.prompt(p, self.cfg.max_prompt_len)) for p in prompts]
         unique, inverse = torch.cat(ids).unique(return_inverse=True)
         rows = self.embedding_rows(unique)

@@ -157,6 +157,11 @@ def test_a_missing_pseudo_input_folder_stops_the_run_before_training(tmp_path):
     with pytest.raises(ValueError, match=f"--pseudo-inputs {tmp_path / 'none'}: no folder for task rev"):
         ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    # and a task of which the model wrote no pseudo-input keeps an empty memory
+    trainer = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, ContinualConfig(method="sapt"), tmp_path / "r")
+    trainer.pet.begin_task(0)
+    trainer.pet.end_task(0, trainer.prompt_embeddings(["rev:abc="]), trainer.prompt_embeddings([]))
+    assert trainer.pet.pseudo[0].shape == (0, 32) and trainer.pet.anchors[0].tolist() == [1.0]
 
 
 def test_a_task_without_pseudo_inputs_adds_nothing_to_arm():
