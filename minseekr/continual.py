@@ -468,9 +468,10 @@ class ContinualTrainer:
         return [self.eval_fn(model, self.tasks[j]) for j in tasks]
 
     def remember(self, s, path):
-        """What a method keeps of task s from θ_s (exported at `path`) rather than from its data: LFPT5's R_k,
-        samples θ_s writes, stored with θ_s's logits; SAPT's w̄_s on held-out inputs and its pseudo-inputs
-        (SAPT's released ones, or written by θ_s). Every rank writes the same samples (seeded)."""
+        """What a method keeps of task s from the model just trained on it (θ_k, exported at `path`) rather than
+        from the task's data: LFPT5's R_k, samples θ_k writes, stored with θ_k's logits; SAPT's w̄_k on held-out
+        inputs and its pseudo-inputs (SAPT's released ones, or written by θ_k). Every rank writes the same samples
+        (seeded)."""
         cfg, task = self.cfg, self.tasks[s]
         if not (self.method.pseudo_replay or self.method.pseudo_inputs):
             return
