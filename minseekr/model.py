@@ -19,7 +19,9 @@ Attention runs on `scaled_dot_product_attention`. Two ways out of it:
 Positions follow the padding mask: with `attention_mask` (1 = real token) the position of a token
 is the number of real tokens before it, so left- or right-padded batches give every real token the
 logits of its unpadded sequence. A padded query row attends to itself only, which keeps softmax
-finite without touching real rows.
+finite without touching real rows. A right-padded batch (the trainer's) needs no mask at all: every pad comes
+after every real token, so causality already hides the pads from every real row, and SDPA runs its causal path
+(flash attention on a GPU) whatever the padding; only the pads' own rows, which no loss reads, differ.
 """
 import math
 from dataclasses import dataclass
@@ -300,7 +302,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask has shape {tuple(key_valid.shape)}, expected {(B, start + S)}")
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
         mask = None
-        if key_valid is not None or cache is not None or return_attn:
+        right_padded = key_valid is not None and bool((key_valid[:, 1:] <= key_valid[:, :-1]).all())
+        if (key_valid is not None and not right_padded) or cache is not None or return_attn:
             q_idx = start + torch.arange(S, device=device)[:, None]
             k_idx = torch.arange(start + S, device=device)[None, :]
             mask = (k_idx <= q_idx).expand(B, 1, S, start + S)                         # (B, 1, S, Skv)

@@ -28,6 +28,35 @@ def test_padded_rows_match_unpadded_sequences(side):
         torch.testing.assert_close(real, model(b)[0], atol=1e-5, rtol=0)
 
 
+def test_a_right_padded_batch_runs_unmasked_and_trains_as_its_unpadded_sequences(monkeypatch):
+    """The trainer's batches are right-padded: SDPA gets no mask (its causal path), and every real token's logits,
+    the loss and every parameter's gradient are those of the sequences alone; a left-padded batch keeps the mask."""
+    import torch.nn.functional as F
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        masks.append(kw["attn_mask"])
+        return sdpa(*args, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny()
+    a, b = torch.randint(0, 61, (1, 9)), torch.randint(0, 61, (1, 5))
+    tokens = torch.cat([a, torch.cat([b, torch.zeros(1, 4, dtype=torch.long)], 1)])
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    labels = tokens.masked_fill(mask == 0, -100)
+    batch_loss = sequence_loss(model(tokens, mask), labels).sum()
+    assert all(m is None for m in masks)
+    batch_grads = torch.autograd.grad(batch_loss, list(model.parameters()))
+    alone_loss = sequence_loss(model(a), a).sum() + sequence_loss(model(b), b).sum()
+    alone_grads = torch.autograd.grad(alone_loss, list(model.parameters()))
+    torch.testing.assert_close(batch_loss, alone_loss, atol=1e-6, rtol=1e-6)
+    for g, want in zip(batch_grads, alone_grads):
+        torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-5)
+    masks.clear()
+    model(torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)]), mask.flip(1))
+    assert all(m is not None for m in masks)
+
+
 def test_kv_cache_decoding_equals_full_forward():
     model = tiny()
     tokens = torch.randint(0, 61, (2, 10))

@@ -1,10 +1,12 @@
 """One training step of CE, DER++ and SEEKR in minseekr, against transformers (sdpa) and the official route.
 
-On the same weights and the same padded batch (one sample left-padded by S/8, the last `--answer` tokens of each
-labelled), in one process, forward + loss + backward, timed interleaved after warmup (medians):
+On the same weights and the same padded batch (one sample right-padded by S/8, as the trainer pads, the last
+`--answer` real tokens of each labelled), in one process, forward + loss + backward, timed interleaved after
+warmup (medians):
 
     CE            minseekr, cross-entropy on the answer tokens, the batch's padding mask
-    CE unpadded   the same tokens with no mask (SDPA's causal path): what the padding costs
+    CE unpadded   the same tokens with no mask: what the padding costs (a right-padded batch runs SDPA's causal
+                  path too, model.py)
     DER++         CE + KL to stored teacher logits on the answer tokens (Eq. 3)
     SEEKR         DER++ + the fused attention KL of the selected heads at B_T sampled rows (Eq. 12)
     HF sdpa CE    transformers' LlamaForCausalLM (sdpa) on the same batch and loss
@@ -74,9 +76,10 @@ def setup(opt, S):
     eager.to(device=opt.device, dtype=getattr(torch, opt.dtype)).train()
     B, dev = opt.batch, opt.device
     mask = torch.ones(B, S, dtype=torch.long, device=dev)
-    mask[1, :S // 8] = 0                                           # sample 1 left-padded by S/8
-    labels = tokens.masked_fill(mask == 0, -100)
-    labels[:, :S - opt.answer] = -100
+    mask[1, S - S // 8:] = 0                                       # sample 1 right-padded by S/8, as the trainer's
+    real = mask.sum(1, keepdim=True)
+    at = torch.arange(S, device=dev)
+    labels = tokens.masked_fill((at < real - opt.answer) | (at >= real), -100)   # each sample's last real tokens
     n_answer = int((labels[:, 1:] != -100).sum())
     gen = torch.Generator().manual_seed(0)
     teacher_logits = torch.randn(n_answer, opt.vocab_size, generator=gen).to(dev)
@@ -87,9 +90,8 @@ def setup(opt, S):
     allowed = (keys <= rows.clamp(min=0)[..., None]) & mask.bool()[:, None]         # (B, T, S)
     scores = torch.randn(B, len(pairs), rows.shape[1], S, generator=gen).to(dev)
     teacher_rows = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    batch = dict(tokens=tokens, mask=mask, labels=labels, positions=positions, teacher_logits=teacher_logits,
-                 pairs=pairs, rows=rows, teacher_rows=teacher_rows, n_answer=n_answer)
+    batch = dict(tokens=tokens, mask=mask, labels=labels, positions=(mask.cumsum(-1) - 1).clamp(min=0),
+                 teacher_logits=teacher_logits, pairs=pairs, rows=rows, teacher_rows=teacher_rows, n_answer=n_answer)
     return {"ours": ours, "hf": hf, "eager": eager}, batch
 
 
@@ -195,7 +197,7 @@ def main():
     torch.set_num_threads(opt.threads)
     if opt.memory_child:
         return cpu_memory_child(opt)
-    print(f"batch {opt.batch}, {opt.dtype} on {opt.device} ({opt.threads} CPU threads), sample 1 left-padded by "
+    print(f"batch {opt.batch}, {opt.dtype} on {opt.device} ({opt.threads} CPU threads), sample 1 right-padded by "
           f"S/8, {opt.answer} answer tokens, {opt.heads} heads in {opt.layers} layers, B_T = {opt.rows}; "
           f"median of {opt.iters} steps, peak step memory above the weights")
     results = {}
