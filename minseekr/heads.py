@@ -141,7 +141,8 @@ def task_sensitivity(model, batches, *, entries="valid", norm="frobenius"):
                 outs.append(out)
                 values.append(v.detach())
 
-            logits = model(ids, real.long(), probe=probe)
+            # Every entry's ∂L/∂A reads the pads' values too: those of pad rows that attend to themselves.
+            logits = model(ids, real.long(), probe=probe, mask_pads=entries == "all")
             grads = torch.autograd.grad(sequence_loss(logits, labels).sum(), outs)
             if entries == "all":
                 valid = torch.ones(ids.shape[0], ids.shape[1], ids.shape[1], dtype=torch.bool, device=device)

@@ -276,14 +276,16 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def forward(self, tokens, attention_mask=None, *, cache: KVCache | None = None,
-                return_attn: bool = False, probe=None, prefix=None):
+                return_attn: bool = False, probe=None, prefix=None, mask_pads: bool = False):
         """Logits (B, S, V) for tokens (B, S); with return_attn also a list of (B, H, S, Skv) maps.
 
         `prefix` (B, P, dim): vectors placed before the tokens' embeddings (soft prompts), which then count in S:
         they take the first positions and the logits' first P rows; or a function of the tokens' embeddings
         (B, S, dim) and their mask (B, S) that returns them (prompts chosen by the input, L2P: computed here, where
         an engine's embeddings are gathered). `attention_mask` (B, Skv) marks real tokens (and prefix vectors)
-        with 1 and covers the cached prefix plus this call's inputs.
+        with 1 and covers the cached prefix plus this call's inputs. `mask_pads` keeps the explicit mask for a
+        right-padded batch too, so that pad rows attend to themselves only (what the pads' values are matters to
+        whoever reads them: the official sensitivity over every entry).
         """
         x = self.model.embed_tokens(tokens)
         if callable(prefix):
@@ -302,7 +304,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask has shape {tuple(key_valid.shape)}, expected {(B, start + S)}")
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
         mask = None
-        right_padded = key_valid is not None and bool((key_valid[:, 1:] <= key_valid[:, :-1]).all())
+        right_padded = key_valid is not None and not mask_pads and bool((key_valid[:, 1:] <= key_valid[:, :-1]).all())
         if (key_valid is not None and not right_padded) or cache is not None or return_attn:
             q_idx = start + torch.arange(S, device=device)[:, None]
             k_idx = torch.arange(start + S, device=device)[None, :]
