@@ -98,7 +98,7 @@ class SAPT(nn.Module):
 
     def weights(self, pooled):
         """w(x) over every task so far (B, tasks): softmax of the keys' dot products with f(pooled), ÷ √d."""
-        query = self.transform(pooled.to(self.transform[0].weight.dtype))
+        query = self.transform(pooled.to(self.transform[0].weight))
         return torch.softmax(query @ torch.stack(list(self.keys)).t() / math.sqrt(self.args.dim), dim=-1)
 
     def choose(self, embeddings, mask):
@@ -124,7 +124,8 @@ class SAPT(nn.Module):
         if k == 0:
             return {}
         term = self.arm(k)
-        term.backward()
+        if term.requires_grad:   # not when the model wrote no pseudo-input for any earlier task
+            term.backward()
         return {"arm_kl": float(term.detach())}
 
     @torch.no_grad()

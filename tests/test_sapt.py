@@ -176,3 +176,8 @@ def test_a_task_without_pseudo_inputs_adds_nothing_to_arm():
     want = sum(sum(p * (p / q).log() for p, q in zip(target, naive_weights(method, x)) if p > 0)
                for x in method.pseudo[1]) / 2
     torch.testing.assert_close(method.arm(2).detach(), want.detach())
+    assert sapt(1).add_penalty_grad(0) == {}
+    empty = sapt(1)
+    memory(empty, 0, torch.randn(3, ARGS.dim), torch.zeros(0, ARGS.dim))
+    empty.begin_task(1)
+    assert empty.add_penalty_grad(1) == {"arm_kl": 0.0}          # nothing to reflect on, and no error
