@@ -89,6 +89,10 @@ def test_a_generated_sample_counts_only_with_an_input_and_an_answer(tok, monkeyp
     samples = pseudo.generate_samples(tiny_model(tok.vocab_size), tok, prompts, 4, 8, seed=0, tries=2)
     assert asked == [("rev:", 4), ("rev:", 3)]        # continued from P; the second round redraws the three lost
     assert samples == [{"prompt": "rev:ab=", "answer": "ba"}, {"prompt": "rev:ca=", "answer": "ac"}]
+    # SAPT needs inputs only: a continuation that never reaches "=" is all input, one without any input is not
+    rounds = iter([["ab=ba", "cc", "=c", "a="]])
+    inputs = pseudo.generate_samples(tiny_model(tok.vocab_size), tok, prompts, 4, 8, seed=0, answers=False, tries=1)
+    assert [x["prompt"] for x in inputs] == ["rev:ab=", "rev:cc=", "rev:a="]
 
 
 def test_prompts_without_a_shared_ending_stop_the_run_before_training(tok, tmp_path):
