@@ -28,7 +28,7 @@ class Method:
     adapts: bool = False              # trains only its own parameters beside the frozen model (PET: olora.py)
     learns_inputs: bool = False       # also trains to write the task's inputs: LM loss on prompt tokens (LFPT5)
     pseudo_replay: bool = False       # its buffer R_k holds samples θ_k writes of task k, never real ones (LFPT5)
-    pseudo_inputs: bool = False       # keeps pseudo-inputs of each finished task for the method (SAPT's ARM)
+    reflects: bool = False            # replays pseudo-inputs of finished tasks through its selection (SAPT's ARM)
 
 
 METHODS = {
@@ -43,7 +43,7 @@ METHODS = {
     "pp": Method(adapts=True),                                                # a new soft prompt per task
     "l2p": Method(adapts=True),                                               # a prompt pool chosen by the input
     "lfpt5": Method(adapts=True, replays=True, distils_logits=True, learns_inputs=True, pseudo_replay=True),
-    "sapt": Method(adapts=True, pseudo_inputs=True),                          # a LoRA per task, mixed per input
+    "sapt": Method(adapts=True, reflects=True),                               # a LoRA per task, mixed per input
 }
 SIGNAL_DTYPES = ("bfloat16", "float16", "float32")
 PRESETS = ("paper", "official")

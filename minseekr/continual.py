@@ -106,12 +106,12 @@ class ContinualTrainer:
                                      f"{len(task.train)}) = 0 samples of task {task.name} ({len(task.train)} training "
                                      f"samples), so --method {cfg.method} would replay nothing of it: use "
                                      f"--replay-ratio ≥ {1 / len(task.train):.3g}, or more training samples")
-        for task in tasks if self.method.pseudo_replay or self.method.pseudo_inputs else []:   # before training
+        for task in tasks:   # what the pseudo-samples need, checked before training
             prompts = [r["prompt"] for r in task.train]
             if self.method.pseudo_replay and not pseudo.frame(prompts)[1]:
                 raise InputError(f"task {task.name}: its prompts share no ending, so --method {cfg.method} cannot "
                                  f"tell a written input from its answer")
-            if self.method.pseudo_inputs and cfg.pseudo_inputs != "self":
+            if self.method.reflects and cfg.pseudo_inputs != "self":
                 pseudo.released(cfg.pseudo_inputs, task.name, prompts)
         self.scores = heads.HeadScores(args.n_layers, args.n_heads)
         self.selected = []                  # the current selection H (Algorithm 1, line 10)
@@ -245,7 +245,8 @@ class ContinualTrainer:
         cfg, ks = self.cfg, self.stages[s]
         train = [x for k in ks for x in encode(self.tok, self.tasks[k].train, cfg.max_len)]
         tokens = [n_labels(x["labels"]) for x in train]
-        inputs = [int((x["labels"][1:] == -100).sum()) for x in train]   # LFPT5's input-writing terms
+        # LFPT5's input-writing terms per sample: its prompt tokens after the first
+        inputs = [int((x["labels"][1:] == -100).sum()) for x in train] if self.method.learns_inputs else None
         replay = self.draw_replay(s, train)
         scoring = self.score_batches(replay)       # R_k's batches, for θ_{k−1}'s snapshot and θ_k's scores
         if self.pet:                               # task k's own parameters and a fresh AdamW for them
@@ -276,7 +277,8 @@ class ContinualTrainer:
                 part, weight = my_part(idx, self.rank, self.world)   # this rank reads only its samples
                 samples = [train[x] if memory is None else memory[x] for x in part]
                 counts = {"tokens": sum((tokens if memory is None else self.memory_tokens[source])[x] for x in idx),
-                          "samples": len(idx), "inputs": sum(inputs[x] for x in idx) if memory is None else 0,
+                          "samples": len(idx),
+                          "inputs": sum(inputs[x] for x in idx) if inputs and memory is None else 0,
                           "rows": 0 if memory is None else sum(self.memory_rows[source][x] for x in idx)}
                 first = step - step % cfg.grad_accum
                 terms = self.micro_step(samples, weight, counts, memory, n_micro=min(cfg.grad_accum, total - first))
@@ -473,7 +475,7 @@ class ContinualTrainer:
         inputs and its pseudo-inputs (SAPT's released ones, or written by θ_k). Every rank writes the same samples
         (seeded)."""
         cfg, task = self.cfg, self.tasks[s]
-        if not (self.method.pseudo_replay or self.method.pseudo_inputs):
+        if not (self.method.pseudo_replay or self.method.reflects):
             return
         prompts = [r["prompt"] for r in task.train]
         if self.method.pseudo_replay or cfg.pseudo_inputs == "self":

@@ -1,9 +1,9 @@
 """L2P (Wang et al., CVPR 2022, "Learning to Prompt for Continual Learning"), for a decoder LLM.
 
 One pool of M prompts (L vectors each) with one key each, shared by every task, the model frozen. An input's
-query is a feature of the frozen model, the mean of its token embeddings over its real tokens; the N prompts
-whose keys are most cosine-similar to it are read before the input (most similar first), and the keys are pulled
-towards the queries that chose them:
+query is a feature of the frozen model, the mean of its prompt's token embeddings (in training as at generation:
+the trainer's mask leaves the answer out); the N prompts whose keys are most cosine-similar to it are read
+before the input (most similar first), and the keys are pulled towards the queries that chose them:
 
     L = CE − λ · Σ_{chosen i} cos(q(x), k_i)      (summed over the chosen keys, averaged over the batch)
 
@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minseekr.peft import load_method, read_method, save_method
+from minseekr.peft import PETMethod, load_method, read_method
 
 
-class L2P(nn.Module):
+class L2P(PETMethod):
     def __init__(self, args, pool=10, length=5, top_k=3, pull=0.5, seed=0):
         super().__init__()
         self.args, self.pool, self.length, self.top_k, self.pull, self.seed = args, pool, length, top_k, pull, seed
@@ -49,9 +49,6 @@ class L2P(nn.Module):
         self.tasks = max(self.tasks, k + 1)
         self.requires_grad_(True)
 
-    def trainable(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     @property
     def n_prefix(self) -> int:
         return self.top_k * self.length
@@ -78,15 +75,9 @@ class L2P(nn.Module):
         term, self.similarity = -self.pull * self.similarity, None
         return {"l2p_pull": term}
 
-    def add_penalty_grad(self, k: int) -> dict:
-        return {}
-
     def info(self) -> dict:
         return {"method": "l2p", "tasks": self.tasks, "pool": self.pool, "length": self.length,
                 "top_k": self.top_k, "pull": self.pull}
-
-    def save(self, path):
-        save_method(self, path, self.info())
 
     @classmethod
     def load(cls, path, args):

@@ -23,10 +23,10 @@ samples only. TRACE's LFPT5 instead replays earlier tasks' *test* prompts, which
 import torch
 import torch.nn as nn
 
-from minseekr.peft import load_method, read_method, save_method
+from minseekr.peft import PETMethod, load_method, read_method
 
 
-class LFPT5(nn.Module):
+class LFPT5(PETMethod):
     def __init__(self, args, n_tokens=10, seed=0):
         super().__init__()
         self.args, self.n_tokens, self.seed = args, n_tokens, seed
@@ -53,9 +53,6 @@ class LFPT5(nn.Module):
         self.tasks = max(self.tasks, k + 1)
         self.requires_grad_(True)
 
-    def trainable(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     @property
     def n_prefix(self) -> int:
         return self.n_tokens
@@ -64,17 +61,8 @@ class LFPT5(nn.Module):
         """The prompt before every input (B, n, dim)."""
         return self.prompt.unsqueeze(0).expand(embeddings.shape[0], -1, -1).to(embeddings.dtype)
 
-    def batch_loss(self) -> dict:
-        return {}
-
-    def add_penalty_grad(self, k: int) -> dict:
-        return {}
-
     def info(self) -> dict:
         return {"method": "lfpt5", "tasks": self.tasks, "n_tokens": self.n_tokens}
-
-    def save(self, path):
-        save_method(self, path, self.info())
 
     @classmethod
     def load(cls, path, args):

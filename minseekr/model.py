@@ -304,8 +304,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask has shape {tuple(key_valid.shape)}, expected {(B, start + S)}")
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
         mask = None
-        right_padded = key_valid is not None and not mask_pads and bool((key_valid[:, 1:] <= key_valid[:, :-1]).all())
-        if (key_valid is not None and not right_padded) or cache is not None or return_attn:
+        # A right-padded batch without cache or maps runs SDPA's causal path: the check (one sync) only then.
+        if cache is not None or return_attn or (key_valid is not None and (
+                mask_pads or not bool((key_valid[:, 1:] <= key_valid[:, :-1]).all()))):
             q_idx = start + torch.arange(S, device=device)[:, None]
             k_idx = torch.arange(start + S, device=device)[None, :]
             mask = (k_idx <= q_idx).expand(B, 1, S, start + S)                         # (B, 1, S, Skv)

@@ -12,10 +12,10 @@ into W (`LoRABank.merged`).
 """
 import torch
 
-from minseekr.peft import LoRA, LoRABank, load_method, read_method, save_method
+from minseekr.peft import LoRA, LoRABank, PETMethod, load_method, read_method
 
 
-class OLoRA(torch.nn.Module):
+class OLoRA(PETMethod):
     def __init__(self, args, targets=("q_proj", "v_proj"), rank=8, alpha=32.0, dropout=0.1, lambda1=0.5,
                  lambda2=0.0, seed=0):
         super().__init__()
@@ -43,17 +43,9 @@ class OLoRA(torch.nn.Module):
         """Tasks with a LoRA so far (0: the bare model, nothing to save)."""
         return len(self.bank.loras)
 
-    def trainable(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     def attach(self, model):
         self.bank.attach(model, self.targets)
         return self
-
-    n_prefix = 0   # no soft prompts
-
-    def choose(self, embeddings, mask):
-        return None
 
     def penalty(self, k: int) -> dict:
         """O-LoRA's terms for task k's LoRA: λ1 · orthogonality to every earlier LoRA, λ2 · its norms."""
@@ -62,9 +54,6 @@ class OLoRA(torch.nn.Module):
             torch.zeros(())
         norms = sum(p.norm(p=2) for p in new.parameters())
         return {"orth": self.lambda1 * orth, "l2": self.lambda2 * norms}
-
-    def batch_loss(self) -> dict:
-        return {}
 
     def add_penalty_grad(self, k: int) -> dict:
         """Add the penalty's gradient to the parameters' (once per optimiser step); returns its logged values."""
@@ -77,9 +66,6 @@ class OLoRA(torch.nn.Module):
     def info(self) -> dict:
         return {"method": "olora", "tasks": self.tasks, "targets": list(self.targets), "rank": self.rank,
                 "alpha": self.alpha, "dropout": self.dropout, "lambda1": self.lambda1, "lambda2": self.lambda2}
-
-    def save(self, path):
-        save_method(self, path, self.info())
 
     @classmethod
     def load(cls, path, args):

@@ -164,6 +164,29 @@ def load_method(module: nn.Module, path) -> dict:
     return info
 
 
+class PETMethod(nn.Module):
+    """What every parameter-efficient method shares (`pet.py` lists what the trainer asks of one): its trainable
+    parameters, no soft prompts, no loss term and no penalty unless it says otherwise, and one file of its
+    parameters with its settings (`info()`) in the metadata."""
+
+    n_prefix = 0
+
+    def trainable(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def choose(self, embeddings, mask):
+        return None
+
+    def batch_loss(self) -> dict:
+        return {}
+
+    def add_penalty_grad(self, k: int) -> dict:
+        return {}
+
+    def save(self, path):
+        save_method(self, path, self.info())
+
+
 class ReplicatedAdamW:
     """AdamW for a method's own parameters, whole on every rank beside a frozen engine: each gradient is averaged
     over the ranks (each rank's loss is its share × world, as the engines expect), then clipped and applied."""

@@ -10,7 +10,7 @@ What the trainer asks of a method (`olora.OLoRA`, `pp.ProgressivePrompts`, `l2p.
 (the soft prompts read before a batch, or None, chosen inside the forward from its prompt tokens' embeddings; SAPT
 sets its LoRAs' weights there); `batch_loss()` (a term of the last forward, summed over its samples, or None);
 `add_penalty_grad(k)` (once per optimiser step; its logged terms); `tasks`; `save(path)` / `load(path, args)`; with
-`Method.pseudo_inputs`, `end_task(k, held_out, pseudo)`.
+`Method.reflects`, `end_task(k, held_out, pseudo)`. `peft.PETMethod` holds the defaults they share.
 """
 from pathlib import Path
 

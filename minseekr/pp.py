@@ -14,7 +14,7 @@ and drop the MLP; here P_j and MLP_j are kept, frozen, which gives the same vect
 import torch
 import torch.nn as nn
 
-from minseekr.peft import load_method, read_method, save_method
+from minseekr.peft import PETMethod, load_method, read_method
 
 
 class ResidualMLP(nn.Module):
@@ -28,7 +28,7 @@ class ResidualMLP(nn.Module):
         return x + self.up(torch.tanh(self.down(x)))
 
 
-class ProgressivePrompts(nn.Module):
+class ProgressivePrompts(PETMethod):
     def __init__(self, args, n_tokens=10, bottleneck=800, seed=0):
         super().__init__()
         self.args, self.n_tokens, self.bottleneck, self.seed = args, n_tokens, bottleneck, seed
@@ -71,25 +71,13 @@ class ProgressivePrompts(nn.Module):
         for p in (self.prompts[k], *self.mlps[k].parameters()):
             p.requires_grad_(True)
 
-    def trainable(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     def prefix(self, batch_size: int):
         """(B, n·tasks, dim): every task's prompt through its MLP, the newest first."""
         vectors = torch.cat([self.mlps[j](self.prompts[j]) for j in reversed(range(self.tasks))])
         return vectors.unsqueeze(0).expand(batch_size, -1, -1)
 
-    def batch_loss(self) -> dict:
-        return {}
-
-    def add_penalty_grad(self, k: int) -> dict:
-        return {}
-
     def info(self) -> dict:
         return {"method": "pp", "tasks": self.tasks, "n_tokens": self.n_tokens, "bottleneck": self.bottleneck}
-
-    def save(self, path):
-        save_method(self, path, self.info())
 
     @classmethod
     def load(cls, path, args):

@@ -34,13 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minseekr.peft import LoRA, LoRABank, load_method, read_method, save_method
+from minseekr.peft import LoRA, LoRABank, PETMethod, load_method, read_method
 
 HIDDEN = 100   # the transform's width (their `trans_hidden_dim`)
 
 
-class SAPT(nn.Module):
-    def __init__(self, args, targets=("q_proj", "v_proj"), rank=4, alpha=32.0, dropout=0.0, arm_weight=1.0, seed=0):
+class SAPT(PETMethod):
+    def __init__(self, args, targets=("q_proj", "v_proj"), rank=4, alpha=32.0, dropout=0.0, arm_weight=1.0,
+                 seed=0):
         super().__init__()
         self.args, self.targets, self.rank, self.alpha, self.dropout = args, tuple(targets), rank, alpha, dropout
         self.arm_weight, self.seed = arm_weight, seed
@@ -50,8 +51,8 @@ class SAPT(nn.Module):
             torch.manual_seed(seed * 1000 - 1)
             self.transform = nn.Sequential(nn.Linear(args.dim, HIDDEN, bias=False),
                                            nn.Linear(HIDDEN, args.dim, bias=False), nn.SiLU(), nn.LayerNorm(args.dim))
-        self.anchors = []   # per finished task j: w̄_j (j + 1,), buffers named anchor{j}
-        self.pseudo = []    # per finished task j: its pseudo-inputs' pooled embeddings (n_j, dim), buffers pseudo{j}
+        # Each finished task j keeps two buffers: anchor{j}, w̄_j (j + 1,), and pseudo{j}, its pseudo-inputs'
+        # pooled embeddings (n_j, dim).
 
     @classmethod
     def from_config(cls, args, cfg):
@@ -77,16 +78,11 @@ class SAPT(nn.Module):
         for p in (*self.bank.loras[k].parameters(), self.keys[k], *self.transform.parameters()):
             p.requires_grad_(True)
 
-    def trainable(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     def attach(self, model):
         """Hook the LoRAs into `model`; generation sets each prompt's weights through `model.soft_prompts`."""
         self.bank.attach(model, self.targets)
         model.soft_prompts = self.choose
         return self
-
-    n_prefix = 0   # weights, not prompts
 
     @staticmethod
     def pool(embeddings, mask):
@@ -106,11 +102,9 @@ class SAPT(nn.Module):
         self.bank.weights = self.weights(self.pool(embeddings, mask))
         return None
 
-    def batch_loss(self) -> dict:
-        return {}
-
     def arm(self, k: int):
-        """L_ARM while task k trains: Σ over earlier tasks j of mean_x KL([w̄_j ; 0] ‖ w(x)), x j's pseudo-inputs."""
+        """L_ARM while task k trains: Σ over earlier tasks j of mean_x KL([w̄_j ; 0] ‖ w(x)), x in j's
+        pseudo-inputs."""
         total = torch.zeros((), device=self.transform[0].weight.device)
         for anchor, inputs in zip(self.anchors[:k], self.pseudo[:k]):
             if not len(inputs):   # the model wrote none for that task: nothing to reflect on
@@ -141,8 +135,16 @@ class SAPT(nn.Module):
         device = self.transform[0].weight.device
         self.register_buffer(f"anchor{k}", anchor.float().to(device))
         self.register_buffer(f"pseudo{k}", pseudo.float().to(device))
-        self.anchors = [getattr(self, f"anchor{j}") for j in range(k + 1)]
-        self.pseudo = [getattr(self, f"pseudo{j}") for j in range(k + 1)]
+
+    @property
+    def anchors(self) -> list:
+        """w̄_j of each finished task, in task order."""
+        return [t for name, t in self.named_buffers(recurse=False) if name.startswith("anchor")]
+
+    @property
+    def pseudo(self) -> list:
+        """The pooled pseudo-inputs of each finished task, in task order."""
+        return [t for name, t in self.named_buffers(recurse=False) if name.startswith("pseudo")]
 
     def load_state_dict(self, state, strict=True, assign=False):
         """As nn.Module's, with the finished tasks' memories (their sizes vary) made from the state's tensors."""
@@ -155,9 +157,6 @@ class SAPT(nn.Module):
     def info(self) -> dict:
         return {"method": "sapt", "tasks": self.tasks, "targets": list(self.targets), "rank": self.rank,
                 "alpha": self.alpha, "dropout": self.dropout, "arm_weight": self.arm_weight}
-
-    def save(self, path):
-        save_method(self, path, self.info())
 
     @classmethod
     def load(cls, path, args):

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import logged, shared_path
 from minseekr.buffer import TaskMemory
 from minseekr.checkpoint import load_hf
 from minseekr.config import METHODS, ContinualConfig
@@ -150,11 +150,6 @@ def small_cfg(method, **kw):
     return ContinualConfig(**{**dict(method=method, lr=1e-3, batch_size=16, grad_accum=2, epochs=[2], max_len=32,
                                      replay_ratio=0.25, layer_budget=1, head_budget=2, query_budget=4, lambda2=1.0,
                                      eval_samples=8, max_new_tokens=8, ewc_samples=4), **kw})
-
-
-def logged(run):
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("method", ["seekr", "ewc", "lwf", "olora", "pp", "l2p", "lfpt5", "sapt"])
