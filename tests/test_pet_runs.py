@@ -7,12 +7,14 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from conftest import PET_FLAGS, logged, pet_train
 
 from minseekr.checkpoint import load_hf
 from minseekr.generate import generate
 from minseekr.peft import read_method
 from minseekr.pet import FILE, attach_saved
+from minseekr.resume import latest_point
 
 
 @pytest.fixture(params=list(PET_FLAGS))
@@ -52,6 +54,10 @@ def test_two_ranks_train_as_one_process(run, tmp_path, engine):
         for key, value in a.items():
             if isinstance(value, float):
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, a, b)
+    # The frozen base stays sharded without optimiser state: each rank's resume file holds its shards alone.
+    for rank in range(2):
+        with safe_open(str(latest_point(tmp_path / "two" / "resume") / f"rank{rank:05d}.safetensors"), "pt") as f:
+            assert f.keys() and all(key.endswith(".shard") for key in f.keys()), (engine, list(f.keys()))
     _, mine = read_method(out / "checkpoints" / "task02" / FILE)
     _, theirs = read_method(tmp_path / "two" / "checkpoints" / "task02" / FILE)
     for name, t in mine.items():
