@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.kl import attention_rows, query_rows
+from minseekr.kl import CHUNK_ELEMENTS, attention_rows, query_rows
 from minseekr.model import sequence_loss
 from minseekr.runtime import InputError, atomic_write
 
@@ -46,7 +46,6 @@ NORMS = ("frobenius", "mean_square")
 ENTRIES = ("valid", "all")
 IMPORTANCES = ("paper", "official")
 PAD_ROW = -1   # a query-row slot with no row (a sample shorter than the others' rows)
-CHUNK_ELEMENTS = 1 << 24   # entries of ∂L/∂A held at once (64 MiB in fp32)
 
 
 @contextmanager

@@ -17,9 +17,12 @@ over the valid keys j (j <= rows[t] and key_mask[j]); a is the teacher row, 0·l
 teacher mass outside the valid keys is ignored. Backward recomputes p from the saved log-sum-exp
 and uses the closed-form gradient (derivation at `_AttentionKL.backward`). Saved for backward:
 q rows (B, |H|, T, d), K (B, H_kv, S, d) (the layer's own tensor, kept by SDPA anyway), the teacher
-(B, |H|, T, S) in its own dtype, and two (B, |H|, T) vectors, the log-sum-exp and the teacher's
-mass: O(|H|·T·d + H_kv·S·d + |H|·T·S teacher), never a softmax or log-softmax.
-Peak memory beyond that is a few (B, chunk, T, S) blocks, set by `chunk`.
+(B, |H|, T, S) in its own dtype, the (B, 1, T, S) mask of hidden keys (a byte per entry, one tensor for
+every layer of a probe) and two (B, |H|, T) vectors, the log-sum-exp and the teacher's mass:
+O(|H|·T·d + H_kv·S·d + |H|·T·S teacher), never a softmax or log-softmax.
+Peak memory beyond that is a few (B, h, T, S) blocks of at most `chunk_elements` entries: usually all of a
+layer's selected heads at once, so each step is one kernel per layer. The rows and the mask of hidden keys are
+checked and built once per batch (`AttentionKL`), so that no layer reads a value back from a GPU.
 
 Grouped-query attention: query head h reads key head kv_heads[h] (by default h // (H / H_kv));
 dK sums the contributions of every query head of a group and of duplicated rows.
@@ -34,17 +37,32 @@ import math
 import torch
 
 
+CHUNK_ELEMENTS = 1 << 24   # entries of one block held at once (64 MiB in fp32): (B, h, T, S) here, ∂L/∂A in heads.py
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision and fp32 inputs, fp64 for fp64 ones (gradcheck)."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _valid_keys(rows: torch.Tensor, key_mask: torch.Tensor | None, S: int) -> torch.Tensor:
-    """(B, T, S) bool: key j is visible from the query at position rows[t] (causal, not padding)."""
-    valid = torch.arange(S, device=rows.device) <= rows[..., None]          # (B, T, S)
+def _hidden_keys(rows: torch.Tensor, key_mask: torch.Tensor | None, S: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: key j is hidden from the query at position rows[t] (a future key, padding, or no row)."""
+    hidden = torch.arange(S, device=rows.device) > rows[..., None]         # (B, T, S)
     if key_mask is not None:
-        valid = valid & key_mask.bool()[:, None, :]
-    return valid
+        hidden |= ~key_mask.bool()[:, None, :]
+    return hidden[:, None]
+
+
+def _head_chunks(H: int, block: int, chunk_elements: int) -> list[slice]:
+    """Slices of the H query heads, as many per chunk as keep a (B, h, T, S) block, `block` entries per head,
+    within chunk_elements (at least one): usually one chunk, so one kernel per operation."""
+    per = max(1, chunk_elements // max(1, block))
+    return [slice(h, h + per) for h in range(0, H, per)]
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' (B, h, ...) results along the head dimension (no copy for a single chunk)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _logits(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,10 +70,10 @@ def _logits(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])
 
 
-def _log_sum_exp(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """log Σ_valid exp z (B, h, T); 0 for a row that sees no key, so its p is 0, not NaN."""
-    lse = torch.logsumexp(z.masked_fill(~valid[:, None], float("-inf")), -1)
-    return lse.masked_fill(torch.isneginf(lse), 0.0)
+def _log_sum_exp(z: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """log Σ_visible exp z (B, h, T); 0 for a row that sees no key, so its p is 0, not NaN."""
+    lse = torch.logsumexp(torch.where(hidden, float("-inf"), z), -1)
+    return lse.masked_fill_(torch.isneginf(lse), 0.0)
 
 
 def _default_kv_heads(H: int, H_kv: int, device) -> torch.Tensor:
@@ -64,8 +82,19 @@ def _default_kv_heads(H: int, H_kv: int, device) -> torch.Tensor:
     return torch.arange(H, device=device) // (H // H_kv)
 
 
-def _check(q_rows, k, rows, key_mask, kv_heads, teacher=None):
-    """Validate shapes; return kv_heads (H,) long."""
+def _check_rows(rows, key_mask, S: int):
+    """rows (B, T) long in [−1, S) and key_mask (B, S). Reading the values syncs an accelerator, so the probes
+    check them once per batch, not once per layer."""
+    if rows.dim() != 2 or rows.dtype != torch.long:
+        raise ValueError(f"rows must be a long tensor of shape (B, T), got {rows.dtype} {tuple(rows.shape)}")
+    if ((rows < -1) | (rows >= S)).any():                                  # one read-back, not two
+        raise ValueError(f"rows must index positions in [0, {S}) or be −1 (no row), got [{rows.min()}, {rows.max()}]")
+    if key_mask is not None and key_mask.shape != (rows.shape[0], S):
+        raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, expected {(rows.shape[0], S)}")
+
+
+def _check_shapes(q_rows, k, rows, kv_heads, teacher=None):
+    """Validate shapes (no value is read); return kv_heads (H,) long."""
     if q_rows.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q_rows and k must be (B, H, T, d) and (B, H_kv, S, d), got "
                          f"{tuple(q_rows.shape)} and {tuple(k.shape)}")
@@ -73,12 +102,8 @@ def _check(q_rows, k, rows, key_mask, kv_heads, teacher=None):
     S = k.shape[2]
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}, expected ({B}, H_kv, S, {D}) to match q_rows")
-    if rows.shape != (B, T) or rows.dtype != torch.long:
+    if rows.shape != (B, T):
         raise ValueError(f"rows must be a long tensor of shape {(B, T)}, got {rows.dtype} {tuple(rows.shape)}")
-    if rows.numel() and (rows.min() < -1 or rows.max() >= S):
-        raise ValueError(f"rows must index positions in [0, {S}) or be −1 (no row), got [{rows.min()}, {rows.max()}]")
-    if key_mask is not None and key_mask.shape != (B, S):
-        raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, expected {(B, S)}")
     if teacher is not None:
         if teacher.shape != (B, H, T, S):
             raise ValueError(f"teacher has shape {tuple(teacher.shape)}, expected {(B, H, T, S)}")
@@ -86,52 +111,64 @@ def _check(q_rows, k, rows, key_mask, kv_heads, teacher=None):
             raise ValueError("teacher requires grad; attention_kl treats it as a constant, pass teacher.detach()")
     if kv_heads is None:
         return _default_kv_heads(H, k.shape[1], q_rows.device)
-    if kv_heads.shape != (H,) or kv_heads.min() < 0 or kv_heads.max() >= k.shape[1]:
-        raise ValueError(f"kv_heads must be ({H},) indices into k's {k.shape[1]} heads, got {kv_heads.tolist()}")
+    if kv_heads.shape != (H,):
+        raise ValueError(f"kv_heads must be ({H},) indices into k's {k.shape[1]} heads, got {tuple(kv_heads.shape)}")
     return kv_heads.to(device=q_rows.device, dtype=torch.long)
 
 
+def _checked(q_rows, k, rows, key_mask, kv_heads, teacher=None):
+    """Every check of the public functions: shapes, then the values of rows and kv_heads; kv_heads (H,) long."""
+    _check_rows(rows, key_mask, k.shape[2])
+    given = kv_heads is not None
+    kv_heads = _check_shapes(q_rows, k, rows, kv_heads, teacher)
+    if given and kv_heads.numel() and (kv_heads.min() < 0 or kv_heads.max() >= k.shape[1]):
+        raise ValueError(f"kv_heads must be ({q_rows.shape[1]},) indices into k's {k.shape[1]} heads, "
+                         f"got {kv_heads.tolist()}")
+    return kv_heads
+
+
 @torch.no_grad()
-def attention_rows(q_rows, k, rows, key_mask=None, *, kv_heads=None, chunk: int = 4) -> torch.Tensor:
+def _rows(q_rows, k, hidden, kv_heads, chunks) -> torch.Tensor:
+    """softmax of the masked logits, exactly 0 at hidden keys (B, H, T, S); see `attention_rows`."""
+    dtype, parts = _compute_dtype(q_rows), []
+    for hs in chunks:
+        z = _logits(q_rows[:, hs], k.index_select(1, kv_heads[hs]), dtype)    # (B, h, T, S)
+        parts.append(z.sub_(_log_sum_exp(z, hidden)[..., None]).exp_().masked_fill_(hidden, 0.0))
+    return _joined(parts)
+
+
+def attention_rows(q_rows, k, rows, key_mask=None, *, kv_heads=None,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Eq. 4 at the sampled rows: softmax(q_t·Kᵀ/√d + causal and padding mask) (B, H, T, S), fp32.
 
     q_rows (B, H, T, d) are the queries at positions rows (B, T), −1 marking a padding row; k (B, H_kv, S, d);
     key_mask (B, S) with 1 = real token. Entries at invalid keys are exactly 0 (a row with no valid key, such as
     a padding row, is all 0).
     """
-    kv_heads = _check(q_rows, k, rows, key_mask, kv_heads)
+    kv_heads = _checked(q_rows, k, rows, key_mask, kv_heads)
     B, H, T, _ = q_rows.shape
-    S, dtype = k.shape[2], _compute_dtype(q_rows)
-    valid = _valid_keys(rows, key_mask, S)
-    out = torch.empty(B, H, T, S, dtype=dtype, device=q_rows.device)
-    for h in range(0, H, chunk):
-        hs = slice(h, h + chunk)
-        z = _logits(q_rows[:, hs], k[:, kv_heads[hs]], dtype)                 # (B, h, T, S)
-        lse = _log_sum_exp(z, valid)
-        out[:, hs] = (z - lse[..., None]).exp().masked_fill(~valid[:, None], 0.0)
-    return out
+    S = k.shape[2]
+    return _rows(q_rows, k, _hidden_keys(rows, key_mask, S), kv_heads, _head_chunks(H, B * T * S, chunk_elements))
 
 
 class _AttentionKL(torch.autograd.Function):
     """KL(teacher ‖ softmax(masked q·Kᵀ/√d)) per (b, h, t); closed-form backward, see module docstring."""
 
     @staticmethod
-    def forward(ctx, q_rows, k, rows, teacher, key_mask, kv_heads, chunk):
-        B, H, T, _ = q_rows.shape
-        S, dtype = k.shape[2], _compute_dtype(q_rows)
-        valid = _valid_keys(rows, key_mask, S)[:, None]                          # (B, 1, T, S)
-        kl, lse, mass = (torch.empty(B, H, T, dtype=dtype, device=q_rows.device) for _ in range(3))
-        for h in range(0, H, chunk):
-            hs = slice(h, h + chunk)
-            z = _logits(q_rows[:, hs], k[:, kv_heads[hs]], dtype)             # (B, h, T, S)
-            lse[:, hs] = _log_sum_exp(z, valid[:, 0])
-            a = teacher[:, hs].to(dtype).masked_fill(~valid, 0.0)
+    def forward(ctx, q_rows, k, hidden, teacher, kv_heads, chunks):
+        dtype = _compute_dtype(q_rows)
+        kl, lse, mass = [], [], []
+        for hs in chunks:
+            z = _logits(q_rows[:, hs], k.index_select(1, kv_heads[hs]), dtype)    # (B, h, T, S)
+            lse.append(_log_sum_exp(z, hidden))
+            a = torch.where(hidden, 0.0, teacher[:, hs].to(dtype))
             # a·(log a − log p) with log p = z − lse: finite everywhere because a = 0 where z is masked.
-            kl[:, hs] = (torch.xlogy(a, a) - a * (z - lse[:, hs, :, None])).sum(-1)
-            mass[:, hs] = a.sum(-1)
-        ctx.save_for_backward(q_rows, k, rows, teacher, key_mask, kv_heads, lse, mass)
-        ctx.chunk = chunk
-        return kl
+            kl.append((torch.xlogy(a, a) - a * (z - lse[-1][..., None])).sum(-1))
+            mass.append(a.sum(-1))
+        lse, mass = _joined(lse), _joined(mass)
+        ctx.save_for_backward(q_rows, k, hidden, teacher, kv_heads, lse, mass)
+        ctx.chunks = chunks
+        return _joined(kl)
 
     @staticmethod
     def backward(ctx, grad_kl):
@@ -143,43 +180,45 @@ class _AttentionKL(torch.autograd.Function):
         # renormalised teacher p = a/m, where it equals m·log m instead of 0 (a truncated or
         # bf16-rounded teacher gives m ≈ 1 and a tiny shift). Chain rule through z = q·Kᵀ/√d:
         #   dq_t = Σ_j δ_tj k_j /√d,   dk_j = Σ_{h in group, t} δ_tj q_t /√d,   δ = g_t·(m·p − a).
-        q_rows, k, rows, teacher, key_mask, kv_heads, lse, mass = ctx.saved_tensors
-        B, H, T, _ = q_rows.shape
-        S, dtype = k.shape[2], lse.dtype
-        valid = _valid_keys(rows, key_mask, S)[:, None]                          # (B, 1, T, S)
+        q_rows, k, hidden, teacher, kv_heads, lse, mass = ctx.saved_tensors
+        dtype = lse.dtype
         need_q, need_k = ctx.needs_input_grad[:2]
-        dq = torch.zeros(q_rows.shape, dtype=dtype, device=q_rows.device) if need_q else None
+        dq = []
         dk = torch.zeros(k.shape, dtype=dtype, device=k.device) if need_k else None
         scale = 1.0 / math.sqrt(q_rows.shape[-1])
-        for h in range(0, H, ctx.chunk):
-            hs = slice(h, h + ctx.chunk)
-            qc, kc = q_rows[:, hs].to(dtype), k[:, kv_heads[hs]].to(dtype)      # (B, h, T, d), (B, h, S, d)
-            z = _logits(qc, kc, dtype)                                          # (B, h, T, S)
-            p = (z - lse[:, hs, :, None]).exp().masked_fill(~valid, 0.0)
-            a = teacher[:, hs].to(dtype).masked_fill(~valid, 0.0)
-            delta = (mass[:, hs, :, None] * p - a) * (grad_kl[:, hs, :, None].to(dtype) * scale)
+        for hs in ctx.chunks:
+            qc, kc = q_rows[:, hs].to(dtype), k.index_select(1, kv_heads[hs]).to(dtype)   # (B, h, T|S, d)
+            z = _logits(qc, kc, dtype)                                                    # (B, h, T, S)
+            p = z.sub_(lse[:, hs, :, None]).exp_().masked_fill_(hidden, 0.0)             # in place: z's block
+            a = torch.where(hidden, 0.0, teacher[:, hs].to(dtype))
+            delta = p.mul_(mass[:, hs, :, None]).sub_(a).mul_(grad_kl[:, hs, :, None].to(dtype) * scale)
             if need_q:
-                dq[:, hs] = delta @ kc
+                dq.append(delta @ kc)
             if need_k:
                 dk.index_add_(1, kv_heads[hs], delta.transpose(-2, -1) @ qc)   # (B, h, S, d) into groups
-        dq = dq.to(q_rows.dtype) if need_q else None
+        dq = _joined(dq).to(q_rows.dtype) if need_q else None
         dk = dk.to(k.dtype) if need_k else None
-        return dq, dk, None, None, None, None, None
+        return dq, dk, None, None, None, None
 
 
-def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None, chunk: int = 4) -> torch.Tensor:
+def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None,
+                 chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Eq. 5/12 per term: KL(A^k_{l,h,t} ‖ A_{l,h,t}) (B, H, T) for the sampled rows, fused.
 
     Same inputs as `attention_rows`, plus teacher (B, H, T, S) probabilities (zeros outside the
     valid prefix); a padding row (−1) has no valid key, so its term and its gradient are exactly 0.
     Differentiable in q_rows and k; returns fp32 (fp64 for fp64 inputs) and leaves
-    the reduction over heads, rows and samples to the caller. `chunk` query heads are processed
-    at a time, which bounds the transient (B, chunk, T, S) blocks.
+    the reduction over heads, rows and samples to the caller. Query heads are processed in chunks whose
+    (B, h, T, S) blocks hold at most `chunk_elements` entries (at least one head per chunk); the transient
+    memory is a few such blocks.
     """
-    kv_heads = _check(q_rows, k, rows, key_mask, kv_heads, teacher)
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 query head, got {chunk}")
-    return _AttentionKL.apply(q_rows, k, rows, teacher, key_mask, kv_heads, chunk)
+    kv_heads = _checked(q_rows, k, rows, key_mask, kv_heads, teacher)
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    B, H, T, _ = q_rows.shape
+    S = k.shape[2]
+    return _AttentionKL.apply(q_rows, k, _hidden_keys(rows, key_mask, S), teacher, kv_heads,
+                              _head_chunks(H, B * T * S, chunk_elements))
 
 
 def query_rows(q, heads, rows, n_kv_heads):
@@ -191,14 +230,28 @@ def query_rows(q, heads, rows, n_kv_heads):
 
 
 class _HeadProbe:
-    """A probe over chosen (layer, head) pairs: per layer, its heads' positions in the pair list and indices."""
+    """A probe over chosen (layer, head) pairs: per layer, its heads' positions in the pair list and indices.
 
-    def __init__(self, heads: list[tuple[int, int]], rows):
-        self.rows, self.slots, self.heads = rows, {}, {}
+    The rows and the mask of hidden keys are checked and built once per batch, for every layer: no layer's
+    call reads a value back from an accelerator."""
+
+    def __init__(self, heads: list[tuple[int, int]], rows, key_mask, S: int, chunk_elements: int):
+        _check_rows(rows, key_mask, S)
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        self.rows, self.key_mask, self.slots, self.heads = rows, key_mask, {}, {}
+        self.hidden = _hidden_keys(rows, key_mask, S)                            # (B, 1, T, S)
+        self.block, self.chunk_elements = rows.shape[0] * rows.shape[1] * S, chunk_elements
         for i, (layer, head) in enumerate(heads):
             self.slots.setdefault(layer, []).append(i)
             self.heads.setdefault(layer, []).append(head)
         self.heads = {layer: torch.tensor(h, dtype=torch.long, device=rows.device) for layer, h in self.heads.items()}
+
+    def _inputs(self, layer, q, k, teacher=None):
+        """This layer's heads' q rows (B, h_l, T, d), their KV heads and head chunks, shapes checked."""
+        q_rows, kv_heads = query_rows(q, self.heads[layer], self.rows, k.shape[1])
+        _check_shapes(q_rows, k, self.rows, kv_heads, teacher)
+        return q_rows, kv_heads, _head_chunks(q_rows.shape[1], self.block, self.chunk_elements)
 
 
 class AttentionKL(_HeadProbe):
@@ -209,20 +262,21 @@ class AttentionKL(_HeadProbe):
     After the forward, `kl[layer]` holds the (B, h_l, T) terms of that layer's heads, still in the autograd graph.
     """
 
-    def __init__(self, heads: list[tuple[int, int]], rows, teacher, key_mask=None, *, chunk: int = 4):
+    def __init__(self, heads: list[tuple[int, int]], rows, teacher, key_mask=None, *,
+                 chunk_elements: int = CHUNK_ELEMENTS):
         if teacher.dim() != 4 or teacher.shape[1] != len(heads):
             raise ValueError(f"teacher has shape {tuple(teacher.shape)}, expected (B, {len(heads)}, T, S): "
                              f"one row set per (layer, head) pair")
-        super().__init__(heads, rows)
-        self.teacher, self.key_mask, self.chunk = teacher, key_mask, chunk
+        super().__init__(heads, rows, key_mask, teacher.shape[-1], chunk_elements)
+        self.teacher = teacher
         self.kl: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer, q, k, v, out):
         if layer not in self.heads:
             return
-        q_rows, kv_heads = query_rows(q, self.heads[layer], self.rows, k.shape[1])   # (B, h_l, T, d)
-        self.kl[layer] = attention_kl(q_rows, k, self.rows, self.teacher[:, self.slots[layer]], self.key_mask,
-                                      kv_heads=kv_heads, chunk=self.chunk)
+        teacher = self.teacher[:, self.slots[layer]]
+        q_rows, kv_heads, chunks = self._inputs(layer, q, k, teacher)
+        self.kl[layer] = _AttentionKL.apply(q_rows, k, self.hidden, teacher, kv_heads, chunks)
 
     def total(self) -> torch.Tensor:
         """Σ over layers, heads, rows and samples of the KL terms: L_ad of Eq. 12 summed over the batch."""
@@ -238,14 +292,14 @@ class AttentionKL(_HeadProbe):
 class RowRecorder(_HeadProbe):
     """Probe that keeps the attention rows of chosen (layer, head) pairs at chosen query rows, without S×S maps."""
 
-    def __init__(self, heads: list[tuple[int, int]], rows, key_mask):
-        super().__init__(heads, rows)
-        self.n_heads, self.key_mask, self.out = len(heads), key_mask, {}
+    def __init__(self, heads: list[tuple[int, int]], rows, key_mask, *, chunk_elements: int = CHUNK_ELEMENTS):
+        super().__init__(heads, rows, key_mask, key_mask.shape[-1], chunk_elements)
+        self.n_heads, self.out = len(heads), {}
 
     def __call__(self, layer, q, k, v, out):
         if layer in self.heads:
-            q_rows, kv_heads = query_rows(q, self.heads[layer], self.rows, k.shape[1])   # (B, h_l, T, d)
-            self.out[layer] = attention_rows(q_rows, k, self.rows, self.key_mask, kv_heads=kv_heads)
+            q_rows, kv_heads, chunks = self._inputs(layer, q, k)                         # (B, h_l, T, d)
+            self.out[layer] = _rows(q_rows, k, self.hidden, kv_heads, chunks)
 
     def stacked(self) -> torch.Tensor:
         """(B, |H|, T, S) in the order of the pairs."""

@@ -1,15 +1,21 @@
 """The fused attention KL (Eq. 5/12) against autograd through full attention maps, and its memory contract."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minseekr.kl import AttentionKL, attention_kl, attention_rows
+from minseekr.kl import CHUNK_ELEMENTS, AttentionKL, _head_chunks, attention_kl, attention_rows
 from minseekr.model import ModelArgs, Transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from dispatched import Dispatched  # noqa: E402
 
 B, H, H_KV, S, D = 2, 4, 2, 9, 5
 PAD = 3  # sample 1 is left-padded by PAD tokens
+BLOCK = B * 5 * S  # entries of one head's (B, T, S) block at the 5 rows of ROWS
 
 
 def key_mask():
@@ -99,7 +105,7 @@ def test_gradcheck_in_float64(n_kv, normalised):
     q, k = inputs(n_kv=n_kv)
     q_rows = select_rows(q, ROWS).detach().requires_grad_()
     teacher = random_teacher(ROWS, key_mask(), normalised=normalised)
-    assert torch.autograd.gradcheck(lambda q, k: attention_kl(q, k, ROWS, teacher, key_mask(), chunk=3), (q_rows, k))
+    assert torch.autograd.gradcheck(lambda q, k: attention_kl(q, k, ROWS, teacher, key_mask(), chunk_elements=3 * BLOCK), (q_rows, k))
 
 
 @pytest.mark.parametrize("n_kv", [H, H_KV], ids=["mha", "gqa"])
@@ -120,12 +126,49 @@ def test_chunked_run_equals_unchunked():
     q, k = inputs()
     teacher = random_teacher(ROWS, key_mask())
     runs = []
-    for chunk in (1, 3, H):
-        kl = fused_kl(q, k, ROWS, teacher, key_mask(), chunk=chunk)
+    for chunk_elements in (CHUNK_ELEMENTS, 1, 3 * BLOCK, 3 * BLOCK - 1):   # 1 chunk; 1 head each; 3 + 1; 2 + 2
+        kl = fused_kl(q, k, ROWS, teacher, key_mask(), chunk_elements=chunk_elements)
         runs.append((kl, *torch.autograd.grad(kl.sum(), (q, k))))
     for run in runs[1:]:
         for a, b in zip(run, runs[0]):
             torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+
+
+def counted(fn):
+    """(operations dispatched, values read back) by fn(): kernel launches and host syncs on a GPU."""
+    with Dispatched() as c:
+        fn()
+    return c.ops, c.syncs
+
+
+def test_a_layers_heads_run_as_one_chunk_whose_operations_do_not_grow_with_them():
+    def ops(heads, **kw):
+        k = inputs()[1]
+        teacher = random_teacher(ROWS, key_mask(), heads=heads)
+        q_rows = torch.randn(B, heads, ROWS.shape[1], D, dtype=torch.float64, requires_grad=True)
+        kv_heads = torch.arange(heads) // (H // H_KV)
+        return counted(lambda: attention_kl(q_rows, k, ROWS, teacher, key_mask(), kv_heads=kv_heads,
+                                            **kw).sum().backward())[0]
+    assert ops(1) == ops(H)
+    assert ops(H, chunk_elements=BLOCK) > ops(H)                          # the check can fail: a chunk per head
+    assert _head_chunks(5, 10, 25) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert _head_chunks(5, 10, 1) == [slice(h, h + 1) for h in range(5)]   # at least one head per chunk
+    # #14's setting, 30 heads in 6 layers at B = 2, B_T = 100, S = 4096: a layer's 5 heads in one chunk, up to 20.
+    assert _head_chunks(5, 2 * 100 * 4096, CHUNK_ELEMENTS) == [slice(0, 20)]
+
+
+def test_the_probe_reads_no_value_back_in_any_layer():
+    # On a GPU every read of a value is a host-device sync; the probe checks the rows once per batch instead.
+    q, k = inputs(n_kv=H_KV)
+    pairs = [(0, 1), (0, 2), (1, 3)]
+    probe = AttentionKL(pairs, ROWS, random_teacher(ROWS, key_mask(), heads=3), key_mask())
+    def layers():
+        for layer in (0, 1):
+            probe(layer, q, k, None, None)
+        probe.total().backward()
+    assert counted(layers)[1] == 0
+    q_rows = select_rows(q, ROWS)
+    assert counted(lambda: attention_kl(q_rows, k, ROWS, random_teacher(ROWS, key_mask()), key_mask()))[1] > 0
 
 
 def test_bf16_inputs_match_fp32_and_return_bf16_gradients():
@@ -192,7 +235,7 @@ def test_probe_in_the_model_gives_the_naive_loss_and_parameter_gradients():
     teacher = {l: select_rows(old_maps[l][:, h], ROWS) for l, h in heads.items()}
 
     pairs = [(layer, head) for layer, hs in heads.items() for head in hs]
-    probe = AttentionKL(pairs, ROWS, torch.cat([teacher[0], teacher[1]], 1), mask, chunk=1)
+    probe = AttentionKL(pairs, ROWS, torch.cat([teacher[0], teacher[1]], 1), mask, chunk_elements=1)
     logits = model(tokens, mask.long(), probe=probe)
     assert sorted(probe.kl) == [0, 1] and probe.kl[0].shape == (B, 2, ROWS.shape[1])
     probe.total().backward()

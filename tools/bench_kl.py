@@ -15,8 +15,10 @@ Every (route, S) runs in a fresh subprocess. Peak memory: CUDA max_memory_alloca
 resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the level before the
 measured step (after a warm-up step, with glibc's mmap threshold at 64 KiB so that freed blocks
 leave the resident set). Also printed: `work`, the peak less the dq, dk (, dv) buffers of the
-layer's full shape that every route must produce (in training they exist anyway), and `saved`, the
-bytes the autograd graph keeps beyond q, k, v and the teacher (allocator-independent).
+layer's full shape that every route must produce (in training they exist anyway), `saved`, the
+bytes the autograd graph keeps beyond q, k, v and the teacher (allocator-independent), and, whatever the
+device, `ops` and `syncs`: the operations one step dispatches (about a kernel launch each on a GPU) and the
+values it reads back (`bench_model.Dispatched`).
 """
 import argparse
 import json
@@ -30,7 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minseekr.kl import attention_kl
+from dispatched import Dispatched
+from minseekr.kl import CHUNK_ELEMENTS, attention_kl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,7 +60,8 @@ def pick_rows(x, rows):
 
 def fused(q, k, v, heads, rows, teacher, args):
     out = None if args.kl_only else F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    kl = attention_kl(pick_rows(q[:, heads], rows), k, rows, teacher, kv_heads=heads, chunk=args.chunk)
+    kl = attention_kl(pick_rows(q[:, heads], rows), k, rows, teacher, kv_heads=heads,
+                      chunk_elements=args.chunk_elements)
     return out, kl.sum() / (heads.numel() * rows.shape[1])
 
 
@@ -148,8 +152,10 @@ def child(args):
         times.append(time.perf_counter() - t0)
     # dq, dk (and dv) buffers of the layer's full shape, which every route ends up holding.
     grads = sum(x.numel() * x.element_size() for x in inputs[:2 if args.kl_only else 3])
+    with Dispatched() as counted:
+        step(route, inputs, args)
     print(json.dumps(dict(peak=peak, work=peak - grads, saved=saved_bytes(route, inputs, args),
-                          time=statistics.median(times))))
+                          time=statistics.median(times), ops=counted.ops, syncs=counted.syncs)))
 
 
 def main():
@@ -161,7 +167,8 @@ def main():
     p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--rows", type=int, default=100, help="sampled query rows B_T")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="q, k, v and the official route's maps")
-    p.add_argument("--chunk", type=int, default=4, help="attention_kl's heads per chunk")
+    p.add_argument("--chunk-elements", type=int, default=CHUNK_ELEMENTS,
+                   help="attention_kl's entries per (B, h, T, S) block (default: kl.CHUNK_ELEMENTS)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each run")
     p.add_argument("--repeat", type=int, default=3, help="timed steps after the memory step (median)")
@@ -179,7 +186,7 @@ def main():
           f"dtype={args.dtype} device={args.device} threads={args.threads} "
           f"{'KL only' if args.kl_only else 'attention output + KL'}, forward+backward")
     print(f"{'S':>5} {'route':>9} {'time ms':>9} {'peak MiB':>9} {'work MiB':>9} {'saved MiB':>9} "
-          f"{'time/fused':>10} {'peak/fused':>10} {'work/fused':>10}")
+          f"{'time/fused':>10} {'peak/fused':>10} {'work/fused':>10} {'ops':>5} {'syncs':>5}")
     # glibc serves blocks >= 64 KiB by mmap and unmaps them on free, so the resident set follows live tensors.
     child_env = {"OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
     for S in args.seq:
@@ -194,7 +201,7 @@ def main():
             base = results.get("fused", r)
             print(f"{S:>5} {route:>9} {r['time'] * 1e3:9.1f} {r['peak'] / 2**20:9.1f} {r['work'] / 2**20:9.1f} "
                   f"{r['saved'] / 2**20:9.1f} {r['time'] / base['time']:10.2f} {r['peak'] / max(base['peak'], 1):10.2f} "
-                  f"{r['work'] / max(base['work'], 1):10.2f}", flush=True)
+                  f"{r['work'] / max(base['work'], 1):10.2f} {r['ops']:5d} {r['syncs']:5d}", flush=True)
 
 
 if __name__ == "__main__":

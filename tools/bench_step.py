@@ -15,7 +15,9 @@ warmup (medians):
 
 Peak memory of a step above the weights: torch.cuda.max_memory_allocated on CUDA; on the CPU the growth of the
 peak RSS over the first step of a fresh process per route. TFLOP/s counts 6·N·tokens for the matmul parameters N
-(no attention term). The configuration of #14 on one GPU:
+(no attention term). Whatever the device, each route's dispatched operations (about a kernel launch each on a
+GPU) and reads back to the host (a synchronisation each on a GPU) are counted (`dispatched.py`). The
+configuration of #14 on one GPU:
 
     python tools/bench_step.py --device cuda --dtype bfloat16 --dim 4096 --n_layers 8 --n_heads 32 \\
         --n_kv_heads 32 --hidden_dim 11008 --vocab_size 32000 --seqs 1024,2048,4096 --answer 256
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench_model import build, peak_rss, sync
+from dispatched import Dispatched
 from minseekr.heads import sample_query_rows
 from minseekr.kl import AttentionKL, logit_kl
 from minseekr.model import token_losses
@@ -91,7 +94,8 @@ def setup(opt, S):
     scores = torch.randn(B, len(pairs), rows.shape[1], S, generator=gen).to(dev)
     teacher_rows = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
     batch = dict(tokens=tokens, mask=mask, labels=labels, positions=(mask.cumsum(-1) - 1).clamp(min=0),
-                 teacher_logits=teacher_logits, pairs=pairs, rows=rows, teacher_rows=teacher_rows, n_answer=n_answer)
+                 teacher_logits=teacher_logits, pairs=pairs, rows=rows, teacher_rows=teacher_rows, n_answer=n_answer,
+                 n_rows=int((rows >= 0).sum()))   # counted on the host, as the trainer's collate counts them
     return {"ours": ours, "hf": hf, "eager": eager}, batch
 
 
@@ -129,7 +133,7 @@ def step(route, models, b):
         logits = models["ours"](b["tokens"], mask, probe=probe)
         loss = ce(logits, b) if route in ("CE", "CE unpadded") else der(logits, b)
         if probe is not None:
-            loss = loss + 10.0 * probe.total() / (len(b["pairs"]) * int((b["rows"] >= 0).sum()))
+            loss = loss + 10.0 * probe.total() / (len(b["pairs"]) * b["n_rows"])
         model = models["ours"]
     elif route == "HF sdpa CE":
         model = models["hf"]
@@ -182,6 +186,11 @@ def measure(opt, S):
             step(route, models, b)
             sync(opt.device)
             times[route].append(time.perf_counter() - t)
+    dispatched = {}
+    for route in ROUTES:
+        with Dispatched() as counted:
+            step(route, models, b)
+        dispatched[route] = counted
     n_matmul = sum(p.numel() for name, p in models["ours"].named_parameters() if "norm" not in name
                    and "embed_tokens" not in name)
     if opt.device.startswith("cuda"):
@@ -189,7 +198,7 @@ def measure(opt, S):
     else:
         del models
         memory = {route: cpu_memory(route, S) for route in ROUTES}
-    return {route: statistics.median(ts) for route, ts in times.items()}, memory, n_matmul
+    return {route: statistics.median(ts) for route, ts in times.items()}, memory, n_matmul, dispatched
 
 
 def main():
@@ -202,14 +211,17 @@ def main():
           f"median of {opt.iters} steps, peak step memory above the weights")
     results = {}
     for S in (int(s) for s in opt.seqs.split(",")):
-        seconds, memory, n_matmul = measure(opt, S)
+        seconds, memory, n_matmul, dispatched = measure(opt, S)
         tflops = 6 * n_matmul * opt.batch * S / seconds["CE"] / 1e12
         print(f"S = {S} ({n_matmul / 1e6:.1f}M matmul parameters; CE step {tflops:.3f} TFLOP/s)")
         for route in ROUTES:
-            print(f"  {route:12s} {seconds[route] * 1e3:9.1f} ms   {memory[route] / 2**20:9.1f} MiB")
+            print(f"  {route:12s} {seconds[route] * 1e3:9.1f} ms   {memory[route] / 2**20:9.1f} MiB   "
+                  f"{dispatched[route].ops:5d} ops {dispatched[route].syncs:3d} syncs")
         ratio = {name: (seconds[a] / seconds[b], memory[a] / memory[b]) for name, (a, b) in RATIOS.items()}
         print("  " + "; ".join(f"{name} {t:.3f}x time, {m:.3f}x memory" for name, (t, m) in ratio.items()))
-        results[S] = {"seconds": seconds, "memory": memory, "tflops_ce": tflops}
+        results[S] = {"seconds": seconds, "memory": memory, "tflops_ce": tflops,
+                      "ops": {route: d.ops for route, d in dispatched.items()},
+                      "syncs": {route: d.syncs for route, d in dispatched.items()}}
     print(json.dumps(results))
 
 

@@ -11,7 +11,7 @@ tensors a bf16 `Block` saves on the CPU. Notation: P parameters, N ranks, U the 
 unit (embeddings, final norm, lm_head), c = 2 bytes (bf16 compute), B sequences per rank per micro-step, S the
 sequence length, d = dim, F = hidden_dim, V = vocab, L layers, H query heads and H_kv key/value heads of D dims,
 B_H / B_T the head and query budgets, a the labelled (answer) tokens of a replayed sample, ch = the fused KL's
-head chunk.
+head chunk (a layer's selected heads, as many as fit kl.CHUNK_ELEMENTS per block).
 
 Two peaks are reported, each the sum of the rows of its phase:
 - train: a SEEKR replay micro-step, the heaviest one (a new-task step has no teacher logits or attention rows);
@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from minseekr.heads import CHUNK_ELEMENTS
+from minseekr.kl import CHUNK_ELEMENTS
 from minseekr.model import ModelArgs, Transformer
 
 BF16, FP32 = 2, 4
@@ -50,7 +50,6 @@ class Setting:
     answer_tokens: int = 512     # a, labelled tokens per replayed sample (rows of the logit KL)
     head_budget: int = 128       # B_H
     query_budget: int = 100      # B_T
-    kl_chunk: int = 4            # query heads per fused-KL chunk (attention_kl's default)
     reserve_gb: float = 4.0      # CUDA context, NCCL, fragmentation (GiB)
 
 
@@ -99,7 +98,8 @@ def memory_terms(args: ModelArgs, s: Setting) -> list[Term]:
     d, F, V, D, H, Hkv = args.dim, args.hidden_dim, args.vocab_size, args.head_dim, args.n_heads, args.n_kv_heads
     R, U = units[0], max(units[1:])
     shard = sum(-(-n // N) for n in units)           # elements per rank: each unit is padded to a multiple of N
-    BH, BT, ch, a = s.head_budget, s.query_budget, min(s.kl_chunk, s.head_budget), s.answer_tokens
+    BH, BT, a = s.head_budget, s.query_budget, s.answer_tokens
+    ch = min(H, BH, max(1, CHUNK_ELEMENTS // (B * BT * S)))   # worst case: every head of a layer selected
     if s.checkpointing:  # every block keeps its input; backward recomputes one block's saved tensors at a time
         blocks = Term("block activations: inputs + one recomputed block", "all", "L·c·B·S·d + 1 block",
                       L * c * B * S * d + block_activations(args, B, S))
