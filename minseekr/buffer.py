@@ -185,7 +185,8 @@ class TaskMemory:
 
 def collate(samples: list[dict], pad_id: int) -> dict:
     """Right-pad samples into a batch: query rows padded with −1, teacher rows with zeros (to the longest sample
-    and the most rows), teacher logits stacked in label order."""
+    and the most rows), teacher logits stacked in label order. The teacher's signals keep their stored dtype
+    (bf16 by default): the losses compute in fp32 on the device, so a GPU receives half the bytes of fp32."""
     B, S = len(samples), max(s["input_ids"].numel() for s in samples)
     batch = {
         "input_ids": torch.full((B, S), pad_id, dtype=torch.long),
@@ -203,13 +204,14 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         for b, s in enumerate(samples):
             batch["rows"][b, :s["rows"].numel()] = s["rows"]
     if "attn" in samples[0]:
-        batch["teacher_attn"] = torch.zeros(B, samples[0]["attn"].shape[0], batch["rows"].shape[1], S)
+        batch["teacher_attn"] = torch.zeros(B, samples[0]["attn"].shape[0], batch["rows"].shape[1], S,
+                                            dtype=samples[0]["attn"].dtype)
         for b, s in enumerate(samples):
-            batch["teacher_attn"][b, :, :s["attn"].shape[1], :s["attn"].shape[2]] = s["attn"].float()
+            batch["teacher_attn"][b, :, :s["attn"].shape[1], :s["attn"].shape[2]] = s["attn"]
     # Samples are right-padded, so concatenating their labelled tokens is the batch's row-major label order.
     if "logits" in samples[0]:
-        batch["teacher_logits"] = torch.cat([s["logits"] for s in samples]).float()           # (N, V)
+        batch["teacher_logits"] = torch.cat([s["logits"] for s in samples])                   # (N, V)
     if "topk_ids" in samples[0]:
         batch["teacher_topk_ids"] = torch.cat([s["topk_ids"] for s in samples]).long()       # (N, k)
-        batch["teacher_topk_logp"] = torch.cat([s["topk_logp"] for s in samples]).float()   # (N, k)
+        batch["teacher_topk_logp"] = torch.cat([s["topk_logp"] for s in samples])           # (N, k)
     return batch

@@ -72,6 +72,8 @@ def test_written_task_reads_back_at_true_length_and_pads_in_batches(model, tmp_p
     assert replayed["teacher_attn"][1, :, :, 4:].abs().max() == 0
     assert torch.equal(replayed["attention_mask"].sum(1), torch.tensor([9, 4, 6]))
     assert replayed["teacher_logits"].shape == (9, 50)
+    # Collated in the stored dtype (bf16 by default), not widened to fp32 on the host: half the bytes to a GPU.
+    assert replayed["teacher_attn"].dtype == replayed["teacher_logits"].dtype == torch.bfloat16
 
 
 def test_a_missing_manifest_is_named(tmp_path):
