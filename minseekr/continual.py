@@ -213,7 +213,10 @@ class ContinualTrainer:
         """AttentionKL over the heads this memory is distilled on, with their stored teacher rows."""
         pairs = self.distilled_heads(memory)
         stored = {pair: i for i, pair in enumerate(memory.heads)}
-        teacher = batch["teacher_attn"][:, [stored[pair] for pair in pairs]]     # (B, |H|, T, S)
+        order = [stored[pair] for pair in pairs]
+        teacher = batch["teacher_attn"]                                          # (B, |H|, T, S)
+        if order != list(range(teacher.shape[1])):   # a subset or another order; the memory's own heads need no copy
+            teacher = teacher[:, order]
         return AttentionKL(pairs, batch["rows"], teacher, batch["attention_mask"])
 
     def optimizer_step(self, s):
