@@ -82,15 +82,26 @@ def _default_kv_heads(H: int, H_kv: int, device) -> torch.Tensor:
     return torch.arange(H, device=device) // (H // H_kv)
 
 
-def _check_rows(rows, key_mask, S: int):
-    """rows (B, T) long in [−1, S) and key_mask (B, S). Reading the values syncs an accelerator, so the probes
-    check them once per batch, not once per layer."""
+def _outside(x: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """0-dim bool, computed where x lives and not yet read: some entry of x lies outside [low, high)."""
+    return ((x < low) | (x >= high)).any()
+
+
+def _check_rows(rows, key_mask, S: int, kv_heads=None, H_kv: int = 0):
+    """rows (B, T) long in [−1, S), key_mask (B, S), and kv_heads, when given, in [0, H_kv). The values are read
+    back in one transfer, a sync on an accelerator: the probes check once per batch, not once per layer."""
     if rows.dim() != 2 or rows.dtype != torch.long:
         raise ValueError(f"rows must be a long tensor of shape (B, T), got {rows.dtype} {tuple(rows.shape)}")
-    if ((rows < -1) | (rows >= S)).any():                                  # one read-back, not two
-        raise ValueError(f"rows must index positions in [0, {S}) or be −1 (no row), got [{rows.min()}, {rows.max()}]")
     if key_mask is not None and key_mask.shape != (rows.shape[0], S):
         raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, expected {(rows.shape[0], S)}")
+    bad = _outside(rows, -1, S)
+    if kv_heads is not None:
+        bad = bad | _outside(kv_heads.to(rows.device), 0, H_kv)
+    if bad:                                     # the one read-back; which input is wrong is read only then
+        if _outside(rows, -1, S):
+            raise ValueError(f"rows must index positions in [0, {S}) or be −1 (no row), "
+                             f"got [{rows.min()}, {rows.max()}]")
+        raise ValueError(f"kv_heads must be indices into k's {H_kv} heads, got {kv_heads.tolist()}")
 
 
 def _check_shapes(q_rows, k, rows, kv_heads, teacher=None):
@@ -118,12 +129,9 @@ def _check_shapes(q_rows, k, rows, kv_heads, teacher=None):
 
 def _checked(q_rows, k, rows, key_mask, kv_heads, teacher=None):
     """Every check of the public functions: shapes, then the values of rows and kv_heads; kv_heads (H,) long."""
-    _check_rows(rows, key_mask, k.shape[2])
     given = kv_heads is not None
     kv_heads = _check_shapes(q_rows, k, rows, kv_heads, teacher)
-    if given and kv_heads.numel() and (kv_heads.min() < 0 or kv_heads.max() >= k.shape[1]):
-        raise ValueError(f"kv_heads must be ({q_rows.shape[1]},) indices into k's {k.shape[1]} heads, "
-                         f"got {kv_heads.tolist()}")
+    _check_rows(rows, key_mask, k.shape[2], kv_heads if given else None, k.shape[1])
     return kv_heads
 
 

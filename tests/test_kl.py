@@ -167,8 +167,10 @@ def test_the_probe_reads_no_value_back_in_any_layer():
             probe(layer, q, k, None, None)
         probe.total().backward()
     assert counted(layers)[1] == 0
-    q_rows = select_rows(q, ROWS)
-    assert counted(lambda: attention_kl(q_rows, k, ROWS, random_teacher(ROWS, key_mask()), key_mask()))[1] > 0
+    # attention_kl called alone checks the rows and the KV heads it is given with one read-back.
+    q_rows, kv_heads = select_rows(q, ROWS), torch.arange(H) // (H // H_KV)
+    teacher = random_teacher(ROWS, key_mask())
+    assert counted(lambda: attention_kl(q_rows, k, ROWS, teacher, key_mask(), kv_heads=kv_heads))[1] == 1
 
 
 def test_bf16_inputs_match_fp32_and_return_bf16_gradients():
@@ -276,6 +278,8 @@ def test_bad_inputs_are_refused_by_name():
         attention_kl(q_rows, k, ROWS + 5, teacher, key_mask())
     with pytest.raises(ValueError, match="not a multiple of k's 3 heads"):
         attention_kl(q_rows, torch.randn(B, 3, S, D, dtype=torch.float64), ROWS, teacher, key_mask())
+    with pytest.raises(ValueError, match=r"kv_heads must be indices into k's 2 heads, got \[0, 1, 2, 1\]"):
+        attention_kl(q_rows, k, ROWS, teacher, key_mask(), kv_heads=torch.tensor([0, 1, 2, 1]))
     with pytest.raises(ValueError, match="teacher requires grad"):
         attention_kl(q_rows, k, ROWS, teacher.requires_grad_(), key_mask())
     with pytest.raises(ValueError, match=r"teacher has shape \(2, 1, 5, 9\), expected \(B, 2, T, S\)"):

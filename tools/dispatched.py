@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class Dispatched(TorchDispatchMode):
     """Counts what a step asks of the device, whatever the device: the aten operations dispatched below autograd
     (views and the CPU's wrapped Python scalars excluded; each is about one kernel launch on a GPU), and the reads
-    of a tensor's value back to Python (each a host-device synchronisation on a GPU)."""
+    of a tensor's value back to Python through item(), bool(), int() or float() (each a host-device
+    synchronisation on a GPU; a CPU tensor's tolist() reads its memory without a dispatch and is not seen)."""
 
     HOST = {"aten.scalar_tensor.default", "aten.promote_types.default", "aten._local_scalar_dense.default",
             "aten._unsafe_view.default"}
