@@ -89,18 +89,21 @@ def cpu_memory_child(opt):
     print(json.dumps({"peak": peak_rss() - base}))
 
 
-def cpu_memory(name):
+def cpu_memory(script, child):
+    """The peak RSS growth that `script --memory_child child` prints from a fresh process, with glibc told to return
+    large blocks to the OS at once (so freed activations are not hidden in its caches)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory_child", name],
+    out = subprocess.run([sys.executable, script, *sys.argv[1:], "--memory_child", child],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
-def cuda_memory(name, model, tokens):
+def cuda_memory(run):
+    """Peak CUDA memory that run() allocates above what was allocated before it."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    step(name, model, tokens)
+    run()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
 
@@ -126,10 +129,10 @@ def main():
             sync(opt.device)
             times[name].append(time.perf_counter() - t)
     if opt.device.startswith("cuda"):
-        memory = {name: cuda_memory(name, m, tokens) for name, m in models.items()}
+        memory = {name: cuda_memory(lambda: step(name, m, tokens)) for name, m in models.items()}
     else:
         del models
-        memory = {name: cpu_memory(name) for name in ("ours", "hf")}
+        memory = {name: cpu_memory(__file__, name) for name in ("ours", "hf")}
     tokens_per_step = opt.batch * opt.seq
     print(f"{n_params / 1e6:.1f}M parameters, batch {opt.batch} x {opt.seq}, {opt.dtype} on {opt.device} ({opt.threads} CPU threads), "
           f"median of {opt.iters} fwd+bwd steps (losses {losses['ours']:.4f} / {losses['hf']:.4f})")

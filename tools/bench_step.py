@@ -25,17 +25,14 @@ configuration of #14 on one GPU:
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench_model import build, peak_rss, sync
+from bench_model import build, cpu_memory, cuda_memory, peak_rss, sync
 from dispatched import Dispatched
 from minseekr.heads import sample_query_rows
 from minseekr.kl import AttentionKL, logit_kl
@@ -155,22 +152,6 @@ def cpu_memory_child(opt):
     print(json.dumps({"peak": peak_rss() - base}))
 
 
-def cpu_memory(route, S):
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory_child", f"{route}|{S}"],
-                         capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
-
-
-def cuda_memory(route, models, b):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step(route, models, b)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def measure(opt, S):
     models, b = setup(opt, S)
     ce_ours, ce_hf = step("CE", models, b), step("HF sdpa CE", models, b)
@@ -194,10 +175,10 @@ def measure(opt, S):
     n_matmul = sum(p.numel() for name, p in models["ours"].named_parameters() if "norm" not in name
                    and "embed_tokens" not in name)
     if opt.device.startswith("cuda"):
-        memory = {route: cuda_memory(route, models, b) for route in ROUTES}
+        memory = {route: cuda_memory(lambda: step(route, models, b)) for route in ROUTES}
     else:
         del models
-        memory = {route: cpu_memory(route, S) for route in ROUTES}
+        memory = {route: cpu_memory(__file__, f"{route}|{S}") for route in ROUTES}
     return {route: statistics.median(ts) for route, ts in times.items()}, memory, n_matmul, dispatched
 
 
