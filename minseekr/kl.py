@@ -21,7 +21,7 @@ q rows (B, |H|, T, d), K (B, H_kv, S, d) (the layer's own tensor, kept by SDPA a
 every layer of a probe) and two (B, |H|, T) vectors, the log-sum-exp and the teacher's mass:
 O(|H|·T·d + H_kv·S·d + |H|·T·S teacher), never a softmax or log-softmax.
 Peak memory beyond that is a few (B, h, T, S) blocks of at most `chunk_elements` entries: usually all of a
-layer's selected heads at once, so each step is one kernel per layer. The rows and the mask of hidden keys are
+layer's selected heads at once, so each operation is one kernel per layer, however many heads it holds. The rows and the mask of hidden keys are
 checked and built once per batch (`AttentionKL`), so that no layer reads a value back from a GPU.
 
 Grouped-query attention: query head h reads key head kv_heads[h] (by default h // (H / H_kv));
