@@ -469,8 +469,12 @@ class ContinualTrainer:
 
     def evaluate_checkpoint(self, path, tasks):
         """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
-        model = pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
+        model = self.exported_model(path)
         return [self.eval_fn(model, self.tasks[j]) for j in tasks]
+
+    def exported_model(self, path):
+        """The HF checkpoint at `path` in the compute dtype on this rank's device, its method (if any) attached."""
+        return pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
 
     def remember(self, s, path):
         """What a method keeps of task s from the model just trained on it (θ_k, exported at `path`) rather than
@@ -482,7 +486,7 @@ class ContinualTrainer:
             return
         prompts = [r["prompt"] for r in task.train]
         if self.method.pseudo_replay or cfg.pseudo_inputs == "self":
-            model = pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
+            model = self.exported_model(path)
             longest = max(len(self.tok.encode(r["prompt"] + r["answer"])) for r in task.train)
             wanted = max(1, round(cfg.replay_ratio * len(prompts)))
             samples = pseudo.generate_samples(model, self.tok, prompts, wanted, min(longest, cfg.max_len),

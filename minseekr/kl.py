@@ -56,6 +56,8 @@ def _hidden_keys(rows: torch.Tensor, key_mask: torch.Tensor | None, S: int) -> t
 def _head_chunks(H: int, block: int, chunk_elements: int) -> list[slice]:
     """Slices of the H query heads, as many per chunk as keep a (B, h, T, S) block, `block` entries per head,
     within chunk_elements (at least one): usually one chunk, so one kernel per operation."""
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
     per = max(1, chunk_elements // max(1, block))
     return [slice(h, h + per) for h in range(0, H, per)]
 
@@ -221,8 +223,6 @@ def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None,
     memory is a few such blocks.
     """
     kv_heads = _checked(q_rows, k, rows, key_mask, kv_heads, teacher)
-    if chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
     B, H, T, _ = q_rows.shape
     S = k.shape[2]
     return _AttentionKL.apply(q_rows, k, _hidden_keys(rows, key_mask, S), teacher, kv_heads,
@@ -245,9 +245,7 @@ class _HeadProbe:
 
     def __init__(self, heads: list[tuple[int, int]], rows, key_mask, S: int, chunk_elements: int):
         _check_rows(rows, key_mask, S)
-        if chunk_elements < 1:
-            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
-        self.rows, self.key_mask, self.slots, self.heads = rows, key_mask, {}, {}
+        self.rows, self.slots, self.heads = rows, {}, {}
         self.hidden = _hidden_keys(rows, key_mask, S)                            # (B, 1, T, S)
         self.block, self.chunk_elements = rows.shape[0] * rows.shape[1] * S, chunk_elements
         for i, (layer, head) in enumerate(heads):

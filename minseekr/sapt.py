@@ -60,6 +60,11 @@ class SAPT(PETMethod):
                    cfg.arm_weight, cfg.seed)
 
     @property
+    def device(self):
+        """Where the method's parameters are (moved with the model)."""
+        return self.transform[0].weight.device
+
+    @property
     def tasks(self) -> int:
         return len(self.bank.loras)
 
@@ -72,9 +77,8 @@ class SAPT(PETMethod):
                 torch.manual_seed(self.seed * 1000 + self.tasks)
                 lora = LoRA(self.args, self.targets, self.rank, self.alpha, self.dropout)
                 key = torch.empty(self.args.dim).uniform_(-1, 1)
-            device = self.transform[0].weight.device
-            self.bank.add(lora.to(device))
-            self.keys.append(nn.Parameter(key.to(device)))
+            self.bank.add(lora.to(self.device))
+            self.keys.append(nn.Parameter(key.to(self.device)))
         for p in (*self.bank.loras[k].parameters(), self.keys[k], *self.transform.parameters()):
             p.requires_grad_(True)
 
@@ -105,7 +109,7 @@ class SAPT(PETMethod):
     def arm(self, k: int):
         """L_ARM while task k trains: Σ over earlier tasks j of mean_x KL([w̄_j ; 0] ‖ w(x)), x in j's
         pseudo-inputs."""
-        total = torch.zeros((), device=self.transform[0].weight.device)
+        total = torch.zeros((), device=self.device)
         for anchor, inputs in zip(self.anchors[:k], self.pseudo[:k]):
             if not len(inputs):   # the model wrote none for that task: nothing to reflect on
                 continue
@@ -132,9 +136,8 @@ class SAPT(PETMethod):
         self.set_task_memory(k, self.weights(pooled(held_out)).mean(0), pooled(pseudo))
 
     def set_task_memory(self, k: int, anchor, pseudo):
-        device = self.transform[0].weight.device
-        self.register_buffer(f"anchor{k}", anchor.float().to(device))
-        self.register_buffer(f"pseudo{k}", pseudo.float().to(device))
+        self.register_buffer(f"anchor{k}", anchor.float().to(self.device))
+        self.register_buffer(f"pseudo{k}", pseudo.float().to(self.device))
 
     @property
     def anchors(self) -> list:

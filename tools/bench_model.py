@@ -25,18 +25,23 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minseekr.model import ModelArgs, Transformer
 
 
-def parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_flags(p, n_kv_heads: int):
+    """The flags `build` reads besides the length: the model's shape, the batch, dtype and device."""
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--n_heads", type=int, default=8)
-    p.add_argument("--n_kv_heads", type=int, default=4)
+    p.add_argument("--n_kv_heads", type=int, default=n_kv_heads)
     p.add_argument("--hidden_dim", type=int, default=704)
     p.add_argument("--vocab_size", type=int, default=4000)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_flags(p, n_kv_heads=4)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--threads", type=int, default=1,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench_model import build, cpu_memory, cuda_memory, peak_rss, sync
+from bench_model import add_model_flags, build, cpu_memory, cuda_memory, peak_rss, sync
 from dispatched import Dispatched
 from minseekr.heads import sample_query_rows
 from minseekr.kl import AttentionKL, logit_kl
@@ -45,20 +45,12 @@ RATIOS = {"SEEKR / DER++": ("SEEKR", "DER++"), "CE padded / unpadded": ("CE", "C
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--n_layers", type=int, default=4)
-    p.add_argument("--n_heads", type=int, default=8)
-    p.add_argument("--n_kv_heads", type=int, default=8)
-    p.add_argument("--hidden_dim", type=int, default=704)
-    p.add_argument("--vocab_size", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=2)
+    add_model_flags(p, n_kv_heads=8)
     p.add_argument("--seqs", default="256,512", help="comma-separated sequence lengths S")
     p.add_argument("--answer", type=int, default=32, help="labelled tokens at the end of each sample")
     p.add_argument("--heads", type=int, default=8, help="selected heads (B_H), spread over --layers layers")
     p.add_argument("--layers", type=int, default=2, help="layers holding the selected heads (B_L)")
     p.add_argument("--rows", type=int, default=100, help="sampled query rows per sample (B_T)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
