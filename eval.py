@@ -2,6 +2,7 @@
 
     python eval.py runs/superni-seekr                      # every task checkpoint of a run: R, OP, BWT, FWT
     python eval.py --model DIR --data ROOT --tasks a,b     # one checkpoint on the test sets of some task folders
+                                                           # (printed; --out FILE also writes them)
     python eval.py runs/x --general ROOT/mmlu,ROOT/gsm     # also GA before (base model) and after (last task), ΔGA
 
 Answers are extracted with the official TRACE rules and scored with each task's metric (0-100), by greedy
@@ -11,18 +12,18 @@ order); it is scored on the test records the run itself scored, with its generat
 says otherwise. The built-in demo prints its own matrices.
 """
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from minseekr.checkpoint import load_hf
-from minseekr.config import METHODS, ContinualConfig, RunConfig, from_flags, option, parser_for, read_settings
+from minseekr.checkpoint import load_hf, read_args
+from minseekr.config import (METHODS, NONNEGATIVE, ContinualConfig, RunConfig, from_flags, option, parser_for,
+                             read_settings, validate)
 from minseekr.data import format_prompts, load_sequence, load_task, parse_order
-from minseekr.evaluation import evaluate
+from minseekr.evaluation import evaluate, prompt_room
 from minseekr.metrics import delta_general_ability, format_matrix, format_summary, general_ability
 from minseekr.pet import attach_saved
 from minseekr.rundir import RunDir, summarize
-from minseekr.runtime import atomic_write, exit_on_input_errors
+from minseekr.runtime import InputError, atomic_write, exit_on_input_errors, read_json
 from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
@@ -35,41 +36,54 @@ class EvalConfig:
     data: str = option("", "folder holding the task folders (with --model)")
     tasks: str = option("", "comma-separated task folders (with --model)")
     general: str = option("", "comma-separated general-ability task folders (GA before and after, ΔGA)")
-    samples: int = option(0, "test records per task (0: the run's, or all)")
-    max_prompt_len: int = option(0, f"prompt tokens kept (0: the run's, or {ContinualConfig.max_prompt_len})")
-    max_new_tokens: int = option(0, f"generation length (0: the run's, or {ContinualConfig.max_new_tokens})")
-    out: str = option("", "JSON file for the results (default: RUN/eval.json, or eval.json)")
+    samples: int = option(0, "test records per task (0: the run's, or all)", check=NONNEGATIVE)
+    max_prompt_len: int = option(0, f"prompt tokens kept (0: the run's, or {ContinualConfig.max_prompt_len})",
+                                 check=(lambda v: v == 0 or v >= 2, "0 or ≥ 2"))
+    max_new_tokens: int = option(0, f"generation length (0: the run's, or {ContinualConfig.max_new_tokens})",
+                                 check=NONNEGATIVE)
+    out: str = option("", "JSON file for the results (default: RUN/eval.json; with --model, none)")
+
+    def __post_init__(self):
+        validate(self)
 
 
 def evaluate_run(run: RunDir, ns: EvalConfig):
     if not run.spec.is_file():
-        sys.exit(f"eval.py: {run.spec} not found: RUN_DIR must be a directory written by train.py --model ...")
+        raise InputError(f"{run.spec} not found: RUN_DIR must be a directory written by train.py --model ...")
     spec, cfg = read_settings(run.spec, RunConfig), read_settings(run.config, ContinualConfig)
+    base_dir = run.checkpoint(0)   # θ_0 as the trainer exported and scored it, else the run's --model
+    base_dir = base_dir if (base_dir / "config.json").is_file() else Path(spec.model)
+    samples = ns.samples or cfg.eval_samples
+    prompt_len = ns.max_prompt_len or cfg.max_prompt_len
+    new_tokens = ns.max_new_tokens or cfg.max_new_tokens
+    args = read_args(base_dir)
+    prompt_room(prompt_len, new_tokens, args)
     tasks, _ = load_sequence(parse_order(spec.order), spec.data)
     for t in tasks:                     # the run's own test records (train.py --test-samples)
         t.test = t.test[:spec.test_samples or None]
     tok = Tokenizer(spec.tokenizer or find_tokenizer(spec.model))
+    tok.check_model(args, base_dir)
     format_prompts(tasks, spec.prompt_format, tok)
-    samples = ns.samples or cfg.eval_samples
-    prompt_len = ns.max_prompt_len or cfg.max_prompt_len
-    new_tokens = ns.max_new_tokens or cfg.max_new_tokens
     score = lambda model, task: evaluate(model, tok, task, samples, prompt_len, new_tokens, progress=True)
-    # θ_0 as the trainer exported and scored it (task00), else the run's --model.
-    base_dir = run.checkpoint(0)
-    base_model = load_hf(base_dir if (base_dir / "config.json").is_file() else spec.model)
-    base = [score(base_model, t) for t in tasks]
     n_tasks, joint = len(tasks), METHODS[cfg.method].joint
     stages = 1 if joint else n_tasks       # MTL trains once on every task: one row
-    R = [[None] * n_tasks for _ in range(stages)]
-    for i in range(stages):
-        ckpt = run.checkpoint(i + 1)
+    checkpoints = [run.checkpoint(i + 1) for i in range(stages)]
+    for ckpt in checkpoints:   # before any scoring: a run whose later checkpoints are gone is named at once
         if not (ckpt / "config.json").is_file():
-            sys.exit(f"eval.py: {ckpt} is missing: the run stopped before task {i + 1} finished")
-        model = attach_saved(load_hf(ckpt), ckpt)
+            why = "it was deleted after the run finished (results.json)" if run.results.is_file() else \
+                "the run stopped before that task finished (continue it with train.py --resume)"
+            raise InputError(f"{ckpt} is missing: {why}")
+    base_model = attach_saved(load_hf(base_dir), base_dir, expected=cfg.method)
+    base = [score(base_model, t) for t in tasks]
+    print("base model θ_0 (before any task): " + "  ".join(f"{t.name} {v:.2f}" for t, v in zip(tasks, base)),
+          flush=True)
+    R = [[None] * n_tasks for _ in range(stages)]
+    for i, ckpt in enumerate(checkpoints):
+        model = attach_saved(load_hf(ckpt), ckpt, expected=cfg.method)
         for j in range(n_tasks if joint else min(i + 2, n_tasks)):
             R[i][j] = score(model, tasks[j])
             print(f"after stage {i + 1} on {tasks[j].name}: {R[i][j]:.2f}", flush=True)
-    heads = json.loads(run.results.read_text()).get("heads") if run.results.is_file() else None
+    heads = read_json(run.results, dict).get("heads") if run.results.is_file() else None
     out = summarize(R, base, [t.name for t in tasks], cfg.method, joint, heads, run.root)
     print(format_matrix(R, out["tasks"], row_names=["all tasks (mtl)"] if joint else None))
     print(format_summary(out))
@@ -86,15 +100,19 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
 
 def evaluate_model(ns: EvalConfig):
     if not ns.data or not ns.tasks:
-        sys.exit("eval.py: --model needs --data ROOT and --tasks a,b,...")
+        raise InputError("--model needs --data ROOT and --tasks a,b,...")
     if ns.general:
-        sys.exit("eval.py: --general compares a run's θ_0 with its last model: give RUN_DIR, not --model")
-    model = attach_saved(load_hf(ns.model), ns.model)
+        raise InputError("--general compares a run's θ_0 with its last model: give RUN_DIR, not --model")
+    prompt_len = ns.max_prompt_len or ContinualConfig.max_prompt_len
+    new_tokens = ns.max_new_tokens or ContinualConfig.max_new_tokens
+    args = read_args(ns.model)
+    prompt_room(prompt_len, new_tokens, args)
     tok = Tokenizer(ns.tokenizer or find_tokenizer(ns.model))
+    tok.check_model(args, ns.model)
+    model = attach_saved(load_hf(ns.model), ns.model)
     tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
     format_prompts(tasks, ns.prompt_format, tok)
-    scores = {t.name: evaluate(model, tok, t, ns.samples, ns.max_prompt_len or ContinualConfig.max_prompt_len,
-                               ns.max_new_tokens or ContinualConfig.max_new_tokens, progress=True) for t in tasks}
+    scores = {t.name: evaluate(model, tok, t, ns.samples, prompt_len, new_tokens, progress=True) for t in tasks}
     for name, value in scores.items():
         print(f"{name}: {value:.2f}")
     return {"model": ns.model, "scores": scores}
@@ -113,9 +131,9 @@ def evaluate_cli(argv):
     if bool(ns.run) == bool(cfg.model):
         parser.error("give either RUN_DIR or --model DIR")
     out = evaluate_run(RunDir(ns.run), cfg) if ns.run else evaluate_model(cfg)
-    path = Path(cfg.out or (RunDir(ns.run).root / "eval.json" if ns.run else "eval.json"))
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(out, indent=1)))
-    print(f"wrote {path}")
+    if path := cfg.out or (RunDir(ns.run).root / "eval.json" if ns.run else ""):
+        atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(out, indent=1)))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

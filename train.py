@@ -1,6 +1,7 @@
 """Continual learning with SEEKR and its baselines.
 
-    python train.py                      # the built-in demo: SeqFT, Replay, DER++, SEEKR, MTL on a synthetic benchmark (CPU)
+    python train.py                      # the built-in demo: SeqFT, Replay, DER++, SEEKR on a synthetic benchmark (CPU)
+    python train.py --demo-methods seqft,seekr,mtl --out runs/demo2   # other methods, into a new folder
     python train.py --model DIR --data ROOT --order order3 --method seekr --out runs/superni-seekr
     torchrun --nproc_per_node 8 train.py --model DIR ...     # the same run, sharded over 8 GPUs (or CPU processes)
     python train.py --resume runs/superni-seekr              # continue after a crash, from the latest resume point
@@ -22,6 +23,7 @@ from minseekr.config import (METHODS, ContinualConfig, RunConfig, from_flags, pa
 from minseekr.continual import ContinualTrainer
 from minseekr.data import format_prompts, load_sequence, parse_order
 from minseekr.engine import load_engine
+from minseekr.evaluation import prompt_room
 from minseekr.metrics import format_matrix, format_summary
 from minseekr.rundir import RunDir
 from minseekr.runtime import InputError, exit_on_input_errors, init_distributed, print0, shutdown
@@ -71,9 +73,7 @@ def train(argv):
         parser.error("--model needs --data ROOT and --order NAME (or comma-separated task folders)")
     args = read_args(run.model)                     # the model directory first: it holds the tokenizer too
     tok = Tokenizer(run.tokenizer or find_tokenizer(run.model))
-    if tok.vocab_size > args.vocab_size:
-        raise InputError(f"{tok.path} has {tok.vocab_size} tokens but {run.model} embeds {args.vocab_size}: "
-                         f"pass the model's own tokenizer (--tokenizer)")
+    tok.check_model(args, run.model)
     tasks, epochs = load_sequence(parse_order(run.order), run.data)
     for t in tasks:
         t.train = t.train[:run.train_samples or None]
@@ -87,6 +87,7 @@ def train(argv):
     if cfg.max_len > args.max_seq_len:
         raise InputError(f"--max-len {cfg.max_len} exceeds the {args.max_seq_len} positions of {run.model} "
                          f"(max_position_embeddings)")
+    prompt_room(cfg.max_prompt_len, cfg.max_new_tokens, args)
     _, _, device = init_distributed(run.device)
     engine = load_engine(run.model, run.fsdp, frozen=METHODS[cfg.method].adapts, device=device,
                          compute_dtype=getattr(torch, run.dtype) if run.dtype else None,

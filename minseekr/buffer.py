@@ -7,8 +7,10 @@ For task k the trainer writes two files into the run's `buffer/` folder:
         {i}.logits (a, V)                                        the teacher's logits predicting its a labels, or
         {i}.topk_logp (a, k)  {i}.topk_ids (a, k)                their k largest log-probabilities and token ids
         {i}.attn (|H|, Σ_t (rows[t]+1))                          the stored heads' attention rows, causal prefixes only
-    task{k:02d}.json          {"name", "heads": [[layer, head], ...], "n_samples", "lengths", "rows", "bytes",
-                              "sha256"}: the manifest; the safetensors file keeps its own copy in its metadata
+    task{k:02d}.json          {"name", "fingerprint", "heads": [[layer, head], ...], "n_samples", "lengths", "rows",
+                              "bytes", "sha256"}: the manifest; the safetensors file keeps its own copy in its
+                              metadata. The fingerprint is the writing run's (`fingerprint.py`): the trainer
+                              replays a buffer only under the task's name and on the run's model, data and settings
 
 Logits are taken at the positions that *predict* the labels (position p-1 for a label at p), so the
 first answer token's distribution is distilled and the one after EOS is not (the official code is one
@@ -38,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minseekr.runtime import InputError, atomic_write
+from minseekr.runtime import InputError, atomic_write, read_json
 
 
 def prefix_index(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +89,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[int, int]]) -> None:
-    """Store task k's replay samples (dicts of the tensors `teacher_signals` returns) and the heads they cover."""
+def write_task(root, k: int, name: str, samples: list[dict], heads: list[tuple[int, int]],
+               fingerprint: dict | None = None) -> None:
+    """Store task k's replay samples (dicts of the tensors `teacher_signals` returns) and the heads they cover,
+    with the fingerprint of the run that wrote them (`fingerprint.py`), which a reader compares with its own."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {f"{i}.{key}": t.contiguous() for i, s in enumerate(samples) for key, t in _stored(i, s).items()}
-    contents = {"name": name, "heads": [list(h) for h in heads], "n_samples": len(samples),
+    contents = {"name": name, "fingerprint": fingerprint, "heads": [list(h) for h in heads], "n_samples": len(samples),
                 "lengths": [int(s["input_ids"].numel()) for s in samples],
                 "rows": [int(s["rows"].numel()) for s in samples] if samples and "rows" in samples[0] else [],
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
@@ -120,12 +124,13 @@ class TaskMemory:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path}: no buffer manifest for task {k} (a finished task's replay "
                                     f"memory is gone: restore the run directory's buffer/)")
+        self.manifest = read_json(manifest_path, dict)
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-            described = {key: self.manifest[key] for key in ("name", "heads", "n_samples", "lengths", "rows", "bytes")}
+            described = {key: self.manifest[key] for key in ("name", "fingerprint", "heads", "n_samples", "lengths",
+                                                             "rows", "bytes")}
             expected_sha = self.manifest["sha256"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{manifest_path} is not a buffer manifest ({e!r})") from None
+        except KeyError as e:
+            raise InputError(f"{manifest_path} is not a buffer manifest (no {e})") from None
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: task {k}'s replay samples are missing (its manifest is there)")
         if checksum and _sha256(self.path) != expected_sha:

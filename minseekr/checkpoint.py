@@ -3,7 +3,12 @@
 This module owns the format. Every reader goes through `HFCheckpoint`, which applies one name→file rule
 (`model.safetensors` first, as transformers does, else the index and its shards) and one validation: every
 name, shape and dtype in every header against the model the config describes, each error naming the file and
-the tensor. Every writer goes through `write_hf`, which takes (name, tensor) pairs in any order from any producer:
+the tensor. An index may name only files of its own folder: no absolute path, no `..`, no symlink out of it (but
+the HF hub cache's own, from `snapshots/<revision>/` into `blobs/`). A tied checkpoint (`tie_word_embeddings`
+true) that stores an `lm_head.weight` as well, as many exports do, is read only when that tensor equals
+`model.embed_tokens.weight` (compared block by block at construction, the one case that reads the embeddings
+twice); one that differs is refused, since the tie would drop it silently (`tie_word_embeddings` false uses it).
+Every writer goes through `write_hf`, which takes (name, tensor) pairs in any order from any producer:
 a model's parameters (`save_hf`), or an engine's full tensors gathered one at a time (`engine.export_hf`, where
 every rank drains the stream and rank 0 alone writes).
 
@@ -40,7 +45,7 @@ from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from minseekr.model import ModelArgs, Transformer
-from minseekr.runtime import InputError, atomic_write, disk_space, umask
+from minseekr.runtime import InputError, atomic_write, disk_space, read_json, umask
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,15 +68,10 @@ def read_args(path) -> ModelArgs:
     config = path / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: a checkpoint directory needs a config.json")
-    try:
-        cfg = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{config} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{config} must hold a JSON object, got {type(cfg).__name__}")
+    cfg = read_json(config, dict)
     try:
         return ModelArgs.from_hf_config(cfg, source=str(config))
-    except (ValueError, TypeError) as e:   # the model's own checks of the file's values
+    except ValueError as e:   # the model's own checks of the file's values
         raise InputError(f"{config}: {e}" if str(config) not in str(e) else str(e)) from None
 
 
@@ -95,6 +95,14 @@ def meta_model(args: ModelArgs) -> Transformer:
     """The Transformer of `args` on the meta device: shapes without storage, nothing initialised."""
     with torch.device("meta"), _SkipInit():
         return Transformer(args)
+
+
+def _inside(file: Path, folder: Path) -> bool:
+    """Whether file resolves into folder, or into the HF hub cache's blobs/ when folder is one of its snapshots:
+    `snapshots/<revision>/` holds symlinks into `../../blobs/`, the layout `from_pretrained` downloads into."""
+    target, home = file.resolve(), folder.resolve()
+    return target.is_relative_to(home) or (home.parent.name == "snapshots"
+                                           and target.parent == home.parent.parent / "blobs")
 
 
 def _open(file: Path, backend: str = "mmap"):
@@ -138,7 +146,7 @@ class HFCheckpoint:
         if missing := [name for name in self.shapes if name not in self.files]:
             raise InputError(f"{self.path}: checkpoint lacks tensor {missing[0]!r} that config.json implies "
                              f"({len(missing)} missing)")
-        # A tied checkpoint may still carry its lm_head copy; the tie wins, as in transformers.
+        # A tied checkpoint may still carry its lm_head copy (checked below to be one).
         ignored = {"lm_head.weight"} if self.args.tie_embeddings else set()
         if unexpected := sorted(set(self.files) - set(self.shapes) - ignored):
             name = unexpected[0]
@@ -160,6 +168,23 @@ class HFCheckpoint:
                         raise InputError(f"{file}: tensor {name!r} has shape {shape}, expected "
                                          f"{self.shapes[name]} from config.json")
                     self.dtypes[name] = _DTYPES[code]
+        if "lm_head.weight" in ignored and "lm_head.weight" in self.files:
+            self._check_tied_copy()
+
+    def _check_tied_copy(self):
+        """Refuse a tied checkpoint whose own lm_head.weight is not a copy of the embeddings: the tie would drop it
+        silently. Compared block by block, stopping at the first difference."""
+        head, embed = "lm_head.weight", "model.embed_tokens.weight"
+        with _open(self.files[head]) as f, _open(self.files[embed]) as g:
+            a, b = f.get_slice(head), g.get_slice(embed)
+            block = max(1, (1 << 22) // self.args.dim)   # rows of 4M values: 16 MiB in fp32
+            same = tuple(a.get_shape()) == self.shapes[embed] and all(
+                torch.equal(a[i:i + block].float(), b[i:i + block].float())
+                for i in range(0, self.args.vocab_size, block))
+        if not same:
+            raise InputError(f"{self.files[head]}: config.json ties lm_head to the embeddings (tie_word_embeddings "
+                             f"true) but the file's {head} differs from {embed}: set tie_word_embeddings to false "
+                             f"in config.json to use it")
 
     def _weight_files(self) -> dict[str, Path]:
         """Every tensor name in the checkpoint mapped to its file: model.safetensors first, else the index."""
@@ -169,14 +194,20 @@ class HFCheckpoint:
                 return dict.fromkeys(f.keys(), single)
         if not index.is_file():
             raise FileNotFoundError(f"{self.path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: self.path / shard for name, shard in weight_map.items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
-        for name, file in files.items():
+        weight_map = read_json(index, dict).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise InputError(f"{index}: expected a 'weight_map' object that maps tensor names to shard file names")
+        files = {}
+        for name, shard in weight_map.items():
+            file = files[name] = self.path / shard
+            if Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise InputError(f"{index}: weight_map places {name!r} in {shard!r}, outside the model folder "
+                                 f"{self.path}: shards must be files of that folder")
             if not file.is_file():
                 raise FileNotFoundError(f"shard {file.name} (holding {name!r}) is named in {index} but does not exist")
+            if not _inside(file, self.path):
+                raise InputError(f"{index}: weight_map places {name!r} in {shard!r}, a symlink to {file.resolve()} "
+                                 f"outside the model folder {self.path}")
         return files
 
     def read(self, dtype=None, device="cpu") -> dict[str, torch.Tensor]:

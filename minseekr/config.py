@@ -9,11 +9,13 @@ defaults, its own settings, the typed flags).
 """
 import argparse
 import dataclasses
-import json
+import math
+import os
+import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-from minseekr.runtime import InputError
+from minseekr.peft import PROJECTIONS
+from minseekr.runtime import InputError, read_json
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ PRESETS = ("paper", "official")
 POSITIVE, NONNEGATIVE, AT_LEAST_1, UNIT, BETA = ((lambda v: v > 0, "> 0"), (lambda v: v >= 0, "≥ 0"),
                                                   (lambda v: v >= 1, "≥ 1"), (lambda v: 0 <= v <= 1, "in [0, 1]"),
                                                   (lambda v: 0 <= v < 1, "in [0, 1)"))
+# Seeds reach torch.manual_seed as seed·1000 + task (or rank), which must stay below 2^64.
+SEED = (lambda v: 0 <= v < 2**32, "in 0..2^32−1")
 
 
 def option(default, help, choices=None, check=None):
@@ -81,6 +85,8 @@ def validate(config) -> None:
         items = value if kind in (list, tuple) else [value]
         if kind in (list, tuple) and not items:
             raise InputError(f"{flag} needs at least one value")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise InputError(f"{flag} must be a finite number, got {value!r}")
         if check and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and check[0](v) for v in items):
             raise InputError(f"{flag} must be {check[1]}, got {value!r}")
 
@@ -90,14 +96,14 @@ class ContinualConfig:
     method: str = option("seekr", "continual-learning method", tuple(METHODS))
     lr: float = option(1e-5, "AdamW learning rate, constant (the paper's 7B setting)", check=POSITIVE)
     weight_decay: float = option(0.0, "AdamW decoupled weight decay on matrices and embeddings", check=NONNEGATIVE)
-    betas: tuple = option((0.9, 0.95), "AdamW betas (the official code's)", check=BETA)
+    betas: tuple = option((0.9, 0.95), "AdamW betas β1,β2 (the official code's)", check=BETA)
     clip: float = option(1.0, "global gradient-norm clip", check=POSITIVE)
     batch_size: int = option(16, "sequences per micro-step, summed over ranks", check=AT_LEAST_1)
     grad_accum: int = option(1, "micro-steps per optimiser step; the step's gradient is their mean", check=AT_LEAST_1)
     epochs: list = option([1], "epochs per task (one value repeats); default: the order's (Appendix B)",
                           check=AT_LEAST_1)
     max_len: int = option(1536, "training length: left truncation of BOS + prompt + answer + EOS", check=(
-        lambda v: v >= 2, "≥ 2 (BOS and EOS)"))
+        lambda v: v >= 3, "≥ 3 (BOS, an answer token and EOS)"))
     replay_ratio: float = option(0.01, "|R_k| / |D_k|: the share of each task kept for replay", check=UNIT)
     replay_select: str = option("random", "R_k: a random draw (paper) or the first items of train.json (official)",
                                 ("random", "first"))
@@ -166,10 +172,16 @@ class ContinualConfig:
                                  check=(lambda v: v >= 2, "≥ 2"))
     checkpoint_every: int = option(0, "optimiser steps between resume points inside a task (0: after tasks only)",
                                    check=NONNEGATIVE)
-    seed: int = option(1234, "the seed of every draw", check=NONNEGATIVE)
+    seed: int = option(1234, "the seed of every draw", check=SEED)
 
     def __post_init__(self):
         validate(self)
+        if len(self.betas) != 2:
+            raise InputError(f"--betas takes two values β1,β2, got {len(self.betas)}: {self.betas}")
+        targets = self.lora_targets.split(",")
+        if not targets or any(t not in PROJECTIONS for t in targets) or len(set(targets)) != len(targets):
+            raise InputError(f"--lora-targets must be distinct names among {','.join(PROJECTIONS)}, got "
+                             f"{self.lora_targets!r}")
         if self.l2p_top_k > self.l2p_pool:
             raise InputError(f"--l2p-top-k {self.l2p_top_k} chooses more prompts than the pool holds "
                              f"(--l2p-pool {self.l2p_pool})")
@@ -201,7 +213,8 @@ class RunConfig:
     train_samples: int = option(0, "first N training records per task (0 = all): quick runs", check=NONNEGATIVE)
     test_samples: int = option(0, "first N test records per task kept in the run (0 = all)", check=NONNEGATIVE)
     demo_seeds: str = option("0", "demo only: comma-separated seeds to repeat the comparison over")
-    demo_methods: str = option("seqft,replay,derpp,seekr", "demo only: the methods compared")
+    demo_methods: str = option("seqft,replay,derpp,seekr", "demo only: comma-separated methods to compare (any "
+                               "of --method's)")
 
     def __post_init__(self):
         validate(self)
@@ -209,10 +222,9 @@ class RunConfig:
 
 def read_settings(file, cls):
     """A config dataclass from the JSON file a run wrote; a damaged or edited file is named."""
+    settings = read_json(file, dict)
     try:
-        return cls(**json.loads(Path(file).read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{file} is not valid JSON ({e})") from None
+        return cls(**settings)
     except TypeError as e:
         raise InputError(f"{file} does not hold {cls.__name__}'s fields ({e})") from None
     except InputError as e:
@@ -278,11 +290,20 @@ def _boolean(text: str) -> bool:
     return text.lower() in ("1", "true", "yes")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (exit 2), not the usage block followed by it."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":   # parsed before any process group: torchrun's rank 0 speaks
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parser_for(prog: str, doc: str, *classes) -> argparse.ArgumentParser:
     """An entry point's parser: every field of `classes` a flag, no abbreviations (a typed flag is named in full,
     so that it can win over the presets and be refused on --resume)."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog, description=doc, allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in classes:
         add_flags(parser, cls)
     return parser

@@ -40,6 +40,7 @@ Resume. Every draw is seeded by (seed, task, epoch), so a position in the plan f
 (`resume.py`) holds the sharded weights and AdamW state, EWC's terms, and the run's state (results so far, head
 selection, position, bytes of metrics.jsonl), written every `checkpoint_every` optimiser steps and after each task.
 """
+import hashlib
 import json
 import math
 import random
@@ -59,9 +60,10 @@ from minseekr import heads, pet, pseudo
 from minseekr.baselines import EWC
 from minseekr.batches import device_batch, encode, index_batches, interleave, my_part, n_labels
 from minseekr.buffer import TaskMemory, write_task
-from minseekr.checkpoint import load_hf
+from minseekr.checkpoint import HFCheckpoint, load_hf
 from minseekr.config import METHODS, ContinualConfig
 from minseekr.engine import build_engine, export_hf, load_engine
+from minseekr.fingerprint import across_ranks, changes, fingerprint
 from minseekr.evaluation import evaluate
 from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
 from minseekr.model import Transformer, token_losses
@@ -122,6 +124,11 @@ class ContinualTrainer:
         self.teacher = None                 # LwF's frozen θ_{k−1}
         self.dtype, self.attn_dtype = getattr(torch, cfg.signal_dtype), getattr(torch, cfg.attn_dtype or cfg.signal_dtype)
         self.spec = spec
+        # What the run depends on, before any training: resume points and buffers are held to it (fingerprint.py).
+        self.fingerprint = fingerprint(engine, tokenizer, tasks, asdict(cfg), spec)
+        if differing := across_ranks(self.fingerprint):
+            raise InputError(f"the ranks of this job were started with different inputs ({'; '.join(differing)}): "
+                             f"start every rank with the same flags and data")
         if self.rank == 0:
             self.run.root.mkdir(parents=True, exist_ok=True)
         self.eval_fn = eval_fn or (lambda model, task: evaluate(
@@ -446,26 +453,50 @@ class ContinualTrainer:
         with together():
             if self.rank == 0:
                 ordered = sorted((pair for part in everyone for pair in part), key=lambda pair: pair[0])
-                write_task(self.run.buffer, s, self.tasks[s].name, [sig for _, sig in ordered], stored)
+                write_task(self.run.buffer, s, self.tasks[s].name, [sig for _, sig in ordered], stored,
+                           self.fingerprint)
         self.open_memory(s)
 
     def open_memory(self, s):
-        with together():   # rank 0 checks the file's checksum; every rank checks the manifest and the model
+        """Task s's buffer, checked to be this run's own of that task (rank 0 also checks the file's checksum)."""
+        with together():
             memory = TaskMemory(self.run.buffer, s, self.model.args, checksum=self.rank == 0)
+            if memory.name != self.tasks[s].name:
+                raise InputError(f"{memory.path} holds task {memory.name!r}'s samples, but task {s} of this run is "
+                                 f"{self.tasks[s].name!r}: restore the run's own buffer/")
+            if changed := changes(memory.manifest["fingerprint"] or {}, self.fingerprint):
+                raise InputError(f"{memory.path} was written by a run with other inputs ({'; '.join(changed)}): "
+                                 f"restore the run's own buffer/")
         self.memories.append(memory)
         self.memory_tokens.append([n_labels(memory.labels(i)) for i in range(len(memory))])
         self.memory_rows.append([memory.rows(i).numel() for i in range(len(memory))])
 
     # ---- checkpoints, evaluation, resume ----------------------------------------------------------------------
-    def export(self, path):
-        """θ as an HF directory that carries its tokenizer's files, so eval.py and the tools load it alone."""
+    def export(self, n: int):
+        """θ after n stages as an HF directory that carries its tokenizer's files and its method (file and record),
+        so eval.py and the tools load it alone; the record goes last, once everything it vouches for is there."""
+        path = self.run.checkpoint(n)
         with together():
             export_hf(self.engine, path, dtype=self.engine.compute_dtype)
             if self.rank == 0:
                 if self.pet and self.pet.tasks:   # θ_0 is the bare model
-                    self.pet.save(Path(path) / pet.FILE)
+                    self.pet.save(path / pet.FILE)
                 for file in self.tok.files:
-                    atomic_write(Path(path) / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
+                    atomic_write(path / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
+                pet.write_record(path, self.cfg.method, n)
+
+    def check_export(self, n: int):
+        """That the checkpoint of n finished stages is whole: its weights' headers, tokenizer, method and record."""
+        path = self.run.checkpoint(n)
+        try:
+            HFCheckpoint(path)
+            for file in [*(path / f.name for f in self.tok.files), path / pet.RECORD]:
+                if not file.is_file():
+                    raise FileNotFoundError(f"{file} is missing")
+            pet.saved_method(path, expected=self.cfg.method)
+        except (InputError, OSError) as e:
+            raise InputError(f"{path} is not whole ({e}): a finished task's model cannot be rebuilt from a later "
+                             f"resume point; restore the folder, or start the run again") from None
 
     def evaluate_checkpoint(self, path, tasks):
         """Scores of the HF checkpoint at `path` on `tasks` (every rank loads it and runs its share)."""
@@ -474,7 +505,8 @@ class ContinualTrainer:
 
     def exported_model(self, path):
         """The HF checkpoint at `path` in the compute dtype on this rank's device, its method (if any) attached."""
-        return pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path)
+        return pet.attach_saved(load_hf(path, dtype=self.engine.compute_dtype, device=self.device), path,
+                                expected=self.cfg.method)
 
     def remember(self, s, path):
         """What a method keeps of task s from the model just trained on it (θ_k, exported at `path`) rather than
@@ -517,8 +549,9 @@ class ContinualTrainer:
 
     def save_resume(self, position: Position):
         """A resume point: sharded weights + AdamW (+ EWC) and the run's state; then `resume/latest.json`."""
-        state = {"R": self.R, "base": self.base, "heads": self.selected,
-                 "metrics_bytes": self.run.metrics.stat().st_size if self.run.metrics.exists() else 0}
+        logged = self.run.metrics.read_bytes() if self.run.metrics.exists() else b""
+        state = {"R": self.R, "base": self.base, "heads": self.selected, "fingerprint": self.fingerprint,
+                 "metrics_bytes": len(logged), "metrics_sha256": hashlib.sha256(logged).hexdigest()}
         write_point(self.run.resume, position, self.engine, state, self.save_extra)
 
     def save_extra(self, path):
@@ -546,7 +579,13 @@ class ContinualTrainer:
                 self.pending_optim = pet.load_state(path, self.pet, self.rank, self.device)
         if missing := [key for key in META if key not in state]:
             raise InputError(f"{path / 'manifest.json'}: the trainer's state lacks {', '.join(missing)}")
+        if changed := changes(state["fingerprint"], self.fingerprint):
+            raise InputError(f"{self.run.root} was started with other inputs than this resume has: "
+                             f"{'; '.join(changed)}; restore them, or start a new run")
         at = Position(state["task"], state["epoch"], state["micro"], state["step"])
+        with together():   # θ_0 .. θ_k of the finished tasks cannot be rebuilt from this point's weights
+            for n in range(at.task + 1):
+                self.check_export(n)
         self.R, self.base, self.selected = state["R"], state["base"], [tuple(h) for h in state["heads"]]
         if self.run.head_scores.exists():   # may hold the unfinished task's scores too: keep the finished tasks'
             loaded = heads.HeadScores.load(self.run.head_scores)
@@ -555,9 +594,12 @@ class ContinualTrainer:
         for j in range(at.task):   # every finished task with a non-empty R_k has a buffer: a missing one is an error
             if self.replay_size(j):
                 self.open_memory(j)
-        if self.rank == 0 and self.run.metrics.exists():  # drop what was logged after the resume point
-            with self.run.metrics.open("r+") as f:
-                f.truncate(state["metrics_bytes"])
+        if self.rank == 0:   # drop what was logged after the resume point, keeping what was logged before it
+            logged = self.run.metrics.read_bytes()[:state["metrics_bytes"]] if self.run.metrics.exists() else b""
+            if hashlib.sha256(logged).hexdigest() != state["metrics_sha256"]:
+                raise InputError(f"{self.run.metrics} no longer starts with the {state['metrics_bytes']} bytes logged "
+                                 f"before the resume point (edited or emptied?): restore it, or start the run again")
+            atomic_write(self.run.metrics, lambda tmp: tmp.write_bytes(logged))
         return at
 
     def run_all(self, resume=False):
@@ -572,13 +614,13 @@ class ContinualTrainer:
             torch.manual_seed(self.cfg.seed * 1000 + self.rank)
         at = self.restore() if resume else None   # None: a run stopped before its first resume point starts over
         if self.base is None:   # θ_0's zero-shot scores, for FWT
-            self.export(self.run.checkpoint(0))
+            self.export(0)
             self.base = self.evaluate_checkpoint(self.run.checkpoint(0), range(n_tasks))
         for s in range(at.task if at else 0, len(self.stages)):
             start = time.time()
             self.train_task(s, at if at and at.task == s else None)
             path = self.run.checkpoint(s + 1)
-            self.export(path)
+            self.export(s + 1)
             self.remember(s, path)
             seen = n_tasks if self.method.joint else min(s + 2, n_tasks)
             self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (n_tasks - seen))

@@ -5,14 +5,14 @@ instruction is already inside the prompt), or the same records as `.jsonl`, one 
 train is required; eval and test are empty lists when absent. Records stay plain dicts holding "prompt",
 "answer" and, when the file has it, "all_answers" (SuperNI's gold outputs, for max-over-references scoring);
 other keys are dropped. Every file is read and checked when the sequence is loaded, so bad data stops the run
-before training starts, with one message naming the file, the record and the problem.
+before training starts, with one message naming the file, the record and the problem. What is read stays under
+`--data`: a task folder or file that a symlink takes outside it is refused, as a task name with `..` is.
 """
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minseekr.metrics import task_metric
-from minseekr.runtime import InputError
+from minseekr.runtime import InputError, read_json
 
 SPLITS = ("train", "eval", "test")
 
@@ -46,6 +46,16 @@ class Task:
     test: list[dict] = field(default_factory=list)
 
 
+def _check_text(text: str, where: str) -> None:
+    """A DataError for a string no tokenizer can encode: a JSON escape of half a UTF-16 pair ("\\ud800") decodes
+    to a lone surrogate, which is not text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where} holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+                        f"(half a UTF-16 pair); expected text") from None
+
+
 def _check_record(obj, where: str) -> dict:
     """The record's prompt, answer and all_answers, or a DataError naming what is wrong."""
     if not isinstance(obj, dict):
@@ -55,6 +65,7 @@ def _check_record(obj, where: str) -> dict:
             raise DataError(f"{where}: missing key {key!r}")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+        _check_text(obj[key], f"{where}: {key!r}")
     if not obj["answer"].strip():
         raise DataError(f"{where}: 'answer' is empty (nothing to train or score)")
     record = {"prompt": obj["prompt"], "answer": obj["answer"]}
@@ -62,42 +73,39 @@ def _check_record(obj, where: str) -> dict:
         answers = obj["all_answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
             raise DataError(f"{where}: 'all_answers' must be a non-empty list of non-empty strings")
+        for i, answer in enumerate(answers):
+            _check_text(answer, f"{where}: 'all_answers'[{i}]")
         record["all_answers"] = answers
     return record
+
+
+def _read_json(path, lines=False):
+    """read_json's value; its errors (not UTF-8, not JSON, a NaN, too deep) are the data's."""
+    try:
+        return read_json(path, lines=lines)
+    except InputError as e:
+        raise DataError(str(e)) from None
 
 
 def read_records(path) -> list[dict]:
     """The checked records of one .json (a list of objects) or .jsonl (one object per line) file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            records.append(_check_record(obj, f"{path}: line {n} (record {len(records)})"))
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return [_check_record(obj, f"{path}: line {n} (record {i})")
+                for i, (n, obj) in enumerate(_read_json(path, lines=True))]
+    data = _read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return [_check_record(obj, f"{path}: record {i}") for i, obj in enumerate(data)]
 
 
-def load_task(folder) -> Task:
-    """A task folder's train (required, non-empty), eval and test splits, each from .json or .jsonl."""
+def load_task(folder, root=None) -> Task:
+    """A task folder's train (required, non-empty), eval and test splits, each from .json or .jsonl; with `root`
+    (--data), the folder and every file read must resolve inside it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"task folder {folder} does not exist")
+    _check_inside(folder, root)
     splits = {}
     for split in SPLITS:
         found = [folder / f"{split}{ext}" for ext in (".json", ".jsonl") if (folder / f"{split}{ext}").exists()]
@@ -105,10 +113,18 @@ def load_task(folder) -> Task:
             raise DataError(f"{folder}: both {split}.json and {split}.jsonl exist; keep one")
         if not found and split == "train":
             raise DataError(f"{folder}: no train.json or train.jsonl")
-        splits[split] = read_records(found[0]) if found else []
+        splits[split] = read_records(_check_inside(found[0], root)) if found else []
     if not splits["train"]:
         raise DataError(f"{folder}: the train split has no records")
     return Task(folder.name, **splits)
+
+
+def _check_inside(path: Path, root) -> Path:
+    """path, unless a symlink takes it outside root (--data): what a run reads stays where the user pointed it."""
+    if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise DataError(f"{path} resolves through a symlink to {path.resolve()}, outside --data {root}: copy it "
+                        f"into {root}")
+    return path
 
 
 def _find_folder(root: Path, task: str) -> Path | None:
@@ -155,9 +171,8 @@ def load_sequence(spec, data_root=None, epochs=None) -> tuple[list[Task], list[i
             raise DataError(f"{spec} needs {len(names)} task folders under {root}; missing {len(missing)}: "
                             f"{', '.join(missing)}")
     else:
-        if root is not None:   # a name must stay under --data: no "..", no absolute path, no symlink out of it
-            outside = [f for f in spec if Path(f).is_absolute() or ".." in Path(f).parts
-                       or ((root / f).exists() and not (root / f).resolve().is_relative_to(root.resolve()))]
+        if root is not None:   # a name must stay under --data: no "..", no absolute path (symlinks: load_task)
+            outside = [f for f in spec if Path(f).is_absolute() or ".." in Path(f).parts]
             if outside:
                 raise DataError(f"task {outside[0]!r} is not a folder under {root}: give task folder names "
                                 f"relative to --data, without '..'")
@@ -175,7 +190,7 @@ def load_sequence(spec, data_root=None, epochs=None) -> tuple[list[Task], list[i
     epochs = list(epochs)
     if len(epochs) != len(folders) or not all(isinstance(e, int) and e >= 1 for e in epochs):
         raise DataError(f"epochs must be one positive int or {len(folders)} of them (one per task), got {epochs}")
-    return [load_task(f) for f in folders], epochs
+    return [load_task(f, root) for f in folders], epochs
 
 
 ANSWER_MARKERS = ("\nAnswer:", "\n回答:", "\n答案:")

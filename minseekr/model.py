@@ -39,6 +39,23 @@ _INFORMATIONAL_KEYS = {
 }
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)   # JSON's true reads as a bool, which is an int
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# What a config.json value must be, as (test, the words an error uses): a float such as 64.0 is not a size.
+_SIZE = (lambda v: _is_int(v) and v >= 1, "an int ≥ 1")
+_SIZE_OR_NULL = (lambda v: v is None or _SIZE[0](v), "an int ≥ 1 or null")
+_POSITIVE = (lambda v: _is_number(v) and v > 0, "a finite number > 0")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_SECTION = (lambda v: v is None or isinstance(v, dict), "an object or null")
+_REQUIRED = object()   # take()'s default for a key that must be present
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096                 # residual width (hidden_size)
@@ -52,8 +69,8 @@ class ModelArgs:
     rope_theta: float = 10000.0     # RoPE base
     max_seq_len: int = 4096         # max_position_embeddings
     tie_embeddings: bool = False    # lm_head shares embed_tokens' weight
-    bos_id: int = 1
-    eos_id: int = 2
+    bos_id: int | None = 1          # None: the config names no BOS
+    eos_id: int | list[int] = 2     # a list: any of them ends a turn
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -67,50 +84,68 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        """Read every architecture value from an HF LLaMA config; refuse what is not implemented."""
+        """Read every architecture value from an HF LLaMA config, each checked where it is read (the error names
+        its key); refuse what is not implemented."""
         cfg = dict(cfg)
+
         def refuse(why):
             raise ValueError(f"{source}: {why}")
+
+        def check(key, value, ok, expected):
+            if not ok(value):
+                refuse(f"{key} must be {expected}, got {value!r}")
+            return value
+
+        def take(key, ok, expected, default=_REQUIRED):
+            if key not in cfg and default is _REQUIRED:
+                refuse(f"missing required key {key!r}")
+            return check(key, cfg.pop(key, default), ok, expected)
+
         if (kind := cfg.pop("model_type", "llama")) != "llama":
             refuse(f"model_type must be 'llama', got {kind!r}")
         if (act := cfg.pop("hidden_act", "silu")) != "silu":
             refuse(f"hidden_act must be 'silu' (SwiGLU), got {act!r}")
         for key in ("attention_bias", "mlp_bias"):
-            if cfg.pop(key, False):
-                refuse(f"{key}=true is not supported (LLaMA-2 has no biases)")
-        if cfg.pop("attention_dropout", 0.0):
-            refuse("attention_dropout > 0 is not supported")
+            take(key, lambda v: v is False, "false (LLaMA-2 has no biases)", False)
+        take("attention_dropout", lambda v: v is None or (_is_number(v) and v == 0), "0 (no dropout)", 0.0)
         # 2023 form: top-level rope_theta and rope_scaling; current form: rope_parameters.
-        rope = cfg.pop("rope_parameters", None) or {}
-        scaling = cfg.pop("rope_scaling", None) or {}
-        theta = rope.get("rope_theta", cfg.pop("rope_theta", 10000.0))
-        cfg.pop("rope_theta", None)
+        rope = take("rope_parameters", *_SECTION, None) or {}
+        scaling = take("rope_scaling", *_SECTION, None) or {}
+        theta = take("rope_theta", *_POSITIVE, 10000.0)
+        if "rope_theta" in rope:
+            theta = check("rope_parameters.rope_theta", rope["rope_theta"], *_POSITIVE)
         for name, section in (("rope_parameters", rope), ("rope_scaling", scaling)):
             kind = section.get("rope_type", section.get("type", "default"))
             if kind != "default":
                 refuse(f"{name}.rope_type={kind!r} is not supported (only plain RoPE)")
-        try:
-            args = cls(
-                dim=cfg.pop("hidden_size"),
-                n_layers=cfg.pop("num_hidden_layers"),
-                n_heads=cfg.pop("num_attention_heads"),
-                n_kv_heads=cfg.pop("num_key_value_heads", None),
-                vocab_size=cfg.pop("vocab_size"),
-                hidden_dim=cfg.pop("intermediate_size"),
-                head_dim=cfg.pop("head_dim", None),
-                norm_eps=cfg.pop("rms_norm_eps", 1e-6),
-                rope_theta=float(theta),
-                max_seq_len=cfg.pop("max_position_embeddings", 4096),
-                tie_embeddings=cfg.pop("tie_word_embeddings", False),
-                bos_id=cfg.pop("bos_token_id", 1),
-                eos_id=cfg.pop("eos_token_id", 2),
-            )
-        except KeyError as e:
-            refuse(f"missing required key {e.args[0]!r}")
-        unknown = sorted(set(cfg) - _INFORMATIONAL_KEYS)
-        if unknown:
+        dim, n_heads = take("hidden_size", *_SIZE), take("num_attention_heads", *_SIZE)
+        n_kv_heads = take("num_key_value_heads", *_SIZE_OR_NULL, None) or n_heads
+        head_dim = take("head_dim", *_SIZE_OR_NULL, None)
+        if n_heads % n_kv_heads:
+            refuse(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")
+        if head_dim is None and dim % n_heads:
+            refuse(f"hidden_size={dim} is not a multiple of num_attention_heads={n_heads}: give head_dim")
+        vocab_size = take("vocab_size", *_SIZE)
+        is_token = lambda v: _is_int(v) and 0 <= v < vocab_size
+        token = f"a token id in 0..{vocab_size - 1}"
+        # transformers' LlamaConfig allows a list of EOS ids (any of them ends a turn, as in Llama-3-Instruct) and
+        # null for both; a tokenizer's one EOS must then be among them (Tokenizer.check_model). No EOS at all is
+        # refused: every training sample ends with one.
+        eos_ok = lambda v: is_token(v) or (isinstance(v, list) and len(v) > 0 and all(map(is_token, v)))
+        values = dict(
+            dim=dim, n_layers=take("num_hidden_layers", *_SIZE), n_heads=n_heads, n_kv_heads=n_kv_heads,
+            vocab_size=vocab_size, hidden_dim=take("intermediate_size", *_SIZE), head_dim=head_dim,
+            norm_eps=float(take("rms_norm_eps", *_POSITIVE, 1e-6)), rope_theta=float(theta),
+            max_seq_len=take("max_position_embeddings", *_SIZE, 4096),
+            tie_embeddings=take("tie_word_embeddings", *_BOOL, False),
+            bos_id=take("bos_token_id", lambda v: v is None or is_token(v), f"{token} or null", 1),
+            eos_id=take("eos_token_id", eos_ok, f"{token} or a list of them", 2))
+        if unknown := sorted(set(cfg) - _INFORMATIONAL_KEYS):
             refuse(f"unsupported keys {unknown}")
-        return args
+        try:
+            return cls(**values)
+        except ValueError as e:   # __post_init__'s checks of the derived sizes (an odd head_dim)
+            refuse(str(e))
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
         """The config.json that transformers' LlamaForCausalLM loads as this model."""

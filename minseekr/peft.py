@@ -149,9 +149,14 @@ def read_method(path, tensors: bool = True) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), "pt") as f:
             info = json.loads((f.metadata() or {})["method"])
-            return info, {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
+            state = {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
     except Exception as e:   # safetensors raises several types for a damaged or foreign file
         raise InputError(f"{path}: not a method file written by save_method ({e!r})") from None
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: its metadata 'method' is not a JSON object")
+    if bad := [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise InputError(f"{path}: tensor {bad[0]!r} holds NaN or infinite values")
+    return info, state
 
 
 def load_method(module: nn.Module, path) -> dict:

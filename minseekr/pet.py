@@ -12,22 +12,25 @@ sets its LoRAs' weights there); `batch_loss()` (a term of the last forward, summ
 `add_penalty_grad(k)` (once per optimiser step; its logged terms); `tasks`; `save(path)` / `load(path, args)`; with
 `Method.reflects`, `end_task(k, held_out, pseudo)`. `peft.PETMethod` holds the defaults they share.
 """
+import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minseekr.config import METHODS
 from minseekr.l2p import L2P
 from minseekr.lfpt5 import LFPT5
 from minseekr.olora import OLoRA
 from minseekr.peft import load_method, read_method
 from minseekr.pp import ProgressivePrompts
-from minseekr.runtime import atomic_write
+from minseekr.runtime import InputError, atomic_write, read_json
 from minseekr.sapt import SAPT
 
 PET = {"olora": OLoRA, "pp": ProgressivePrompts, "l2p": L2P, "lfpt5": LFPT5, "sapt": SAPT}
 FILE = "method.safetensors"
+RECORD = "method.json"                # in a run's checkpoint: the method it was trained with, after how many tasks
 ADAMW = "method-adamw.safetensors"    # in a resume point: the AdamW state of the method's parameters
 
 
@@ -36,14 +39,54 @@ def build(cfg, args):
     return PET[cfg.method].from_config(args, cfg)
 
 
-def attach_saved(model, folder):
-    """`model` with the method saved in `folder` attached (frozen, on the model's device); unchanged if none."""
-    file = Path(folder) / FILE
-    if file.is_file():
-        info, _ = read_method(file, tensors=False)
-        PET[info["method"]].load(file, model.args).to(model.device).attach(model)
-    return model
+def write_record(folder, method: str, tasks: int):
+    """The checkpoint's record of its method and of the tasks trained, which `attach_saved` holds its files to."""
+    atomic_write(Path(folder) / RECORD, lambda tmp: tmp.write_text(json.dumps({"method": method, "tasks": tasks})))
 
+
+def read_record(folder) -> dict | None:
+    """A checkpoint's {"method", "tasks"} record (None for an HF directory that a run did not write)."""
+    file = Path(folder) / RECORD
+    if not file.is_file():
+        return None
+    record = read_json(file, dict)
+    if not (record.get("method") in METHODS and type(record.get("tasks")) is int):
+        raise InputError(f"{file}: expected {{\"method\": one of {', '.join(METHODS)}, \"tasks\": an int}}, got "
+                         f"{record!r}")
+    return record
+
+
+def saved_method(folder, expected: str | None = None) -> dict | None:
+    """The `info` of the method file in `folder` (None if it holds none), checked against the folder's record.
+
+    A checkpoint that a run wrote records its method (`RECORD`), and its method file must agree: present exactly
+    when the method is a PET one past θ_0, holding that method after as many tasks. `expected` (a run's --method)
+    must be the recorded one. Otherwise an InputError names the file: a checkpoint is never scored without the
+    method it was trained with, nor with another's.
+    """
+    folder, file = Path(folder), Path(folder) / FILE
+    info = read_method(file, tensors=False)[0] if file.is_file() else None
+    if (record := read_record(folder)) is not None:
+        if expected is not None and record["method"] != expected:
+            raise InputError(f"{folder / RECORD}: the checkpoint was trained with --method {record['method']}, but "
+                             f"this run's method is {expected}")
+        wanted = (record["method"], record["tasks"]) if record["method"] in PET and record["tasks"] > 0 else None
+        have = None if info is None else (info.get("method"), info.get("tasks"))
+        if have != wanted:
+            found = "is missing" if have is None else f"holds the {have[0]} method after {have[1]} task(s)"
+            raise InputError(f"{file} {found}, but {folder} was trained with --method {record['method']} after "
+                             f"{record['tasks']} task(s){' and has no method file' if wanted is None else ''}")
+    if info is not None and info.get("method") not in PET:
+        raise InputError(f"{file}: unknown method {info.get('method')!r}; expected one of {', '.join(PET)}")
+    return info
+
+
+def attach_saved(model, folder, expected: str | None = None):
+    """`model` with the method saved in `folder` attached (frozen, on the model's device); unchanged if none.
+    The method file is checked first (`saved_method`)."""
+    if (info := saved_method(folder, expected)) is not None:
+        PET[info["method"]].load(Path(folder) / FILE, model.args).to(model.device).attach(model)
+    return model
 
 def save_state(path, method, optim, rank: int, device):
     """A resume point's share of a PET run: each rank's random generator (LoRA dropout resumes drawing where it

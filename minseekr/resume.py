@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minseekr.runtime import InputError, NonFiniteError, atomic_write, first_error, tmp_name, together
+from minseekr.runtime import InputError, NonFiniteError, atomic_write, first_error, read_json, tmp_name, together
 
 LATEST = "latest.json"
 
@@ -78,7 +78,7 @@ def _unreadable(file: Path, expected: dict) -> str | None:
     return None
 
 
-META = ("task", "epoch", "micro", "step", "R", "base", "heads", "metrics_bytes")
+META = ("task", "epoch", "micro", "step", "R", "base", "heads", "fingerprint", "metrics_bytes", "metrics_sha256")
 
 
 def latest_point(root) -> Path:
@@ -86,10 +86,7 @@ def latest_point(root) -> Path:
     latest = Path(root) / LATEST
     if not latest.is_file():
         raise FileNotFoundError(f"{latest}: no resume point in this run directory (nothing to resume)")
-    try:
-        name = json.loads(latest.read_text())["dir"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"{latest} is not a resume pointer {{\"dir\": NAME}} ({e!r})") from None
+    name = read_json(latest, dict).get("dir")
     if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or not (Path(root) / name).is_dir():
         raise InputError(f"{latest} names {name!r}, which is not a resume point inside {root}")
     return Path(root) / name
@@ -125,11 +122,8 @@ def load_sharded(engine, path) -> dict:
 def read_manifest(path, layout):
     """A sharded checkpoint's manifest, checked against the engine's layout (engine, world size, tensors)."""
     file = Path(path) / "manifest.json"
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or not {"engine", "world", "step", "meta"} <= set(manifest):
+    manifest = read_json(file, dict)
+    if not {"engine", "world", "step", "meta"} <= set(manifest):
         raise InputError(f"{file} is not a sharded checkpoint's manifest (engine, world, step, meta)")
     if manifest.get("engine") != layout["engine"]:
         raise InputError(f"{file}: written by engine {manifest.get('engine')!r}, this run uses {layout['engine']!r}")
@@ -152,7 +146,7 @@ def reshard_checkpoint(src, dst, world):
     src, dst = Path(src), Path(dst)
     if world < 1:
         raise InputError(f"reshard_checkpoint: world must be at least 1, got {world}")
-    manifest = json.loads((src / "manifest.json").read_text())
+    manifest = read_json(src / "manifest.json", dict)
     if manifest.get("engine") != "FSDP":
         raise InputError(f"{src}/manifest.json: not an FSDP sharded checkpoint (engine {manifest.get('engine')!r})")
     if dst.exists():

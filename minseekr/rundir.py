@@ -11,10 +11,12 @@
     run.lock                   held by the process that runs in it (its pid, host and start time inside)
 
 A run claims its directory (`claim`) before it writes anything: one process at a time holds `run.lock` (an
-advisory `flock`, released when the process ends, however it ends); a second one stops, naming the holder. The
-claim also refuses symlinks anywhere inside the directory (the trainer would follow them out of it) and removes
-the temporary files that a killed process left behind.
+advisory `flock`, released when the process ends, however it ends); a second one stops, naming the holder. A new
+run needs a new or empty directory. The claim also refuses symlinks and hard-linked files anywhere inside the
+directory (the trainer would read, write or truncate through them outside it) and removes the temporary files that
+a killed process left in the run's own folders.
 """
+import errno
 import fcntl
 import json
 import os
@@ -27,7 +29,8 @@ from pathlib import Path
 from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
 from minseekr.runtime import DiskFullError, InputError, atomic_write, first_error
 
-_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")   # runtime.atomic_write's and checkpoint.write_hf's names
+# runtime.atomic_write's and checkpoint.write_hf's temporary names (.NAME.tmpPID), and safetensors' own (.tmpXXXXXX)
+_TEMPORARY = re.compile(r"^(\..+\.tmp\d+|\.tmp[A-Za-z0-9]{6})$")
 
 
 class RunDir:
@@ -54,14 +57,11 @@ class RunDir:
     @contextmanager
     def claimed(self, rank: int, resume: bool, settings: dict):
         """The directory claimed by rank 0 for the block, every rank stopping together if it cannot be. A new run
-        (not `resume`) must find no earlier run in it and writes its `settings` ({file: dict or None}) once."""
+        (not `resume`) needs a new or empty directory and writes its `settings` ({file: dict or None}) once."""
         claim, error = ExitStack(), None
         if rank == 0:
             try:
-                claim.enter_context(self.claim())
-                if not resume and self.config.exists():
-                    raise InputError(f"{self.root} already holds a run ({self.config.name}): continue it with "
-                                     f"--resume {self.root}, or give another --out")
+                claim.enter_context(self.claim(new=not resume))
                 for file, values in settings.items():
                     if values is not None:
                         atomic_write(file, lambda tmp, values=values: tmp.write_text(json.dumps(values, indent=1)))
@@ -74,13 +74,18 @@ class RunDir:
             yield
 
     @contextmanager
-    def claim(self):
-        """Hold run.lock while the block runs: refuse a directory in use, and symlinks inside it; drop temporaries."""
+    def claim(self, new: bool = False):
+        """Hold run.lock while the block runs. Refused: a directory in use; for a `new` run, one that holds
+        anything (an earlier run, or files of the user's); symlinks or hard links inside it, through which the run
+        would read or write outside it. The temporary files a killed process left in the run's own folders go."""
         self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / "run.lock"
-        if lock.is_symlink():
-            raise InputError(f"{lock} is a symlink; a run directory holds no symlinks")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise InputError(f"{lock} is a symlink; a run directory holds no symlinks") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,18 +93,40 @@ class RunDir:
                 holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
                 raise InputError(f"{self.root} is in use by {holder}: wait for that run to end, or give another "
                                  f"--out") from None
+            if new:
+                self.check_empty()
+            self.check_contained()
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-            for path in sorted(self.root.rglob("*")):
-                if path.is_symlink():
-                    raise InputError(f"{path} is a symlink; a run directory holds no symlinks (the trainer would "
-                                     f"read or write through it, outside {self.root})")
-                if path.is_file() and _TEMPORARY.match(path.name):
-                    path.unlink()     # left by a killed process: never under a final name, never read
+            for folder in (self.root, self.buffer, self.resume, *self.root.glob("checkpoints/*"),
+                           *self.resume.glob("*"), *self.root.glob("snapshots/*")):
+                for path in folder.iterdir() if folder.is_dir() else ():
+                    if path.is_file() and _TEMPORARY.match(path.name):
+                        path.unlink()     # left by a killed process: never under a final name, never read
             yield
         finally:
             os.close(fd)              # releases the lock
+
+    def check_empty(self):
+        """A new run's directory holds nothing but its lock: never an earlier run, nor files of the user's."""
+        if self.config.exists():
+            raise InputError(f"{self.root} already holds a run ({self.config.name}): continue it with --resume "
+                             f"{self.root}, or give another --out")
+        if found := sorted(p.name for p in self.root.iterdir() if p.name != "run.lock"):
+            raise InputError(f"{self.root} is not empty ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) "
+                             f"and holds no run: a new run needs a new or empty --out")
+
+    def check_contained(self):
+        """No symlink and no hard-linked file anywhere inside: whatever the run reads, writes, truncates or deletes
+        is its own."""
+        for path in sorted(self.root.rglob("*")):
+            if path.is_symlink():
+                raise InputError(f"{path} is a symlink; a run directory holds no symlinks (the trainer would "
+                                 f"read or write through it, outside {self.root})")
+            if path.is_file() and path.stat().st_nlink > 1:
+                raise InputError(f"{path} is hard-linked ({path.stat().st_nlink} names): a run directory's files are "
+                                 f"its own (copy a run with cp -r, not cp -l)")
 
 
 def summarize(R, base, tasks: list[str], method: str, joint: bool, heads, run_dir) -> dict:

@@ -13,6 +13,7 @@ expected, and the entry points print it as one line without a traceback (`exit_o
 exception is a bug and keeps its traceback.
 """
 import errno
+import json
 import os
 import shutil
 import sys
@@ -162,16 +163,20 @@ def tmp_name(file: Path) -> Path:
 
 @contextmanager
 def disk_space(file: Path, needed: int | None = None):
-    """Turn a full disk while writing `file` into a DiskFullError naming it and the space it needed."""
+    """Turn a full disk while writing `file` into a DiskFullError naming it, the space it needed and the space that
+    was free before the write began (measured then: by the time the error is seen, writers have removed their
+    partial files)."""
+    parent = Path(file).parent
+    free = shutil.disk_usage(parent).free if parent.is_dir() else 0
     try:
         yield
     except Exception as e:   # OSError from Python, SafetensorError from safetensors' writer
         if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
             raise
-        free = shutil.disk_usage(Path(file).parent).free if Path(file).parent.exists() else 0
         what = f"{needed / 2**20:.1f} MiB" if needed is not None else "more space"
         raise DiskFullError(errno.ENOSPC, f"{file}: no space left on the device to write it: it needs {what}, "
-                                          f"{free / 2**20:.1f} MiB are free; nothing under its name was changed") from None
+                                          f"{free / 2**20:.1f} MiB were free before the write; nothing under its "
+                                          f"name was changed") from None
 
 
 def atomic_write(file: Path, write, needed: int | None = None):
@@ -198,3 +203,40 @@ def exit_on_input_errors(prog: str):
         if rank_world()[0] == 0:
             print(f"{prog}: error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def read_json(path, what: type | None = None, lines: bool = False):
+    """The value of a UTF-8 JSON file, of type `what` (dict or list) when given; with `lines`, a JSON Lines file's
+    values as (line number, value) pairs, blank lines skipped. Anything else is one InputError naming the file (and
+    line): not UTF-8, not valid JSON (where), a NaN or an infinity, a value of another type, nesting too deep.
+
+    Python's json accepts NaN, Infinity and -Infinity, which JSON does not have: an `"rms_norm_eps": Infinity`
+    would pass every `> 0` check, so they are refused here. Nesting deeper than the interpreter's recursion limit
+    raises a RecursionError that names no file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+    def parse(text, where):
+        def refuse(constant):
+            raise InputError(f"{where}: {constant} is not JSON (a number must be finite)")
+        try:
+            value = json.loads(text, parse_constant=refuse)
+        except json.JSONDecodeError as e:
+            at = f"column {e.colno}" if lines else f"line {e.lineno}, column {e.colno}"
+            raise InputError(f"{where}: not valid JSON ({e.msg} at {at})") from None
+        except RecursionError:
+            raise InputError(f"{where}: JSON nested too deeply to read (the limit is about "
+                             f"{sys.getrecursionlimit()} levels)") from None
+        if what is not None and not isinstance(value, what):
+            raise InputError(f"{where}: expected a JSON {'object' if what is dict else what.__name__}, "
+                             f"got {type(value).__name__}")
+        return value
+
+    if not lines:
+        return parse(text, path)
+    # Lines end at "\n" alone: str.splitlines would also cut at U+2028 and the like, which a JSON string may hold.
+    return [(n, parse(line, f"{path}: line {n}")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]

@@ -5,7 +5,10 @@ SmolLM2's), behind one interface, and the TRACE training encoding built on it.
 `sentencepiece` library and gives the ids Meta's and HF's slow `LlamaTokenizer` give; tokenizer.json goes
 through HF's `tokenizers` library (an optional dependency), with BOS, EOS, pad and the chat template read from
 the tokenizer_config.json beside it. `encode(text, bos=True)` starts a sequence as the model expects: LLaMA-2
-prepends BOS, SmolLM2 prepends nothing (its `add_bos_token` is false).
+prepends BOS, SmolLM2 prepends nothing (its `add_bos_token` is false). A chat template is a program that comes
+with the model: it runs in jinja2's sandbox, as in transformers, and whatever stops it (a syntax error, a way out
+of the sandbox, more than `RENDER_SECONDS` of rendering) is one InputError naming its file. `check_model`
+refuses a tokenizer whose vocabulary or EOS does not fit a model's config.json.
 
 `encode_example` is the TRACE/SEEKR training sample: [BOS] + prompt + answer + EOS, with the loss on the
 answer and EOS only. The official code tokenizes the joined text, then labels "the last len(tokenize(answer))
@@ -17,15 +20,20 @@ characters for tokenizers), and a token belongs to the answer as soon as it cove
 straddling the boundary ("Output: " + "POS" gives `▁P`, the prompt's last space plus the answer's "P") is
 therefore labelled, and the labelled tokens decode to exactly the answer.
 """
-import json
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import sentencepiece as spm
 
-from minseekr.runtime import InputError
+from minseekr.runtime import InputError, read_json
 
 IGNORE = -100  # label of positions that carry no loss (cross_entropy's ignore_index)
 FILES = ("tokenizer.model", "tokenizer.json")
+# A chat template is a program that comes with the model; one that renders for longer than this is refused.
+RENDER_SECONDS = 10.0
 
 
 def find_tokenizer(model_dir) -> Path:
@@ -34,6 +42,32 @@ def find_tokenizer(model_dir) -> Path:
         if (Path(model_dir) / name).is_file():
             return Path(model_dir) / name
     raise FileNotFoundError(f"{model_dir} holds neither {' nor '.join(FILES)}; pass --tokenizer FILE")
+
+
+@contextmanager
+def _time_limit(seconds: float, message: str):
+    """A block that raises InputError(message) once it has run `seconds`. SIGALRM is the one way to stop Python code
+    from outside, and only the main thread receives signals: in any other thread the block runs without a limit.
+    The previous handler, and a timer already running (pytest-timeout's, say), are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise InputError(message)
+
+    handler = signal.signal(signal.SIGALRM, stop)
+    pending, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:   # restored even if the alarm went off on the line above
+            signal.signal(signal.SIGALRM, handler)
+            if pending:
+                signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - start), 1e-3), interval)
 
 
 class Tokenizer:
@@ -61,7 +95,7 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except RuntimeError as e:
             raise InputError(f"{path} is not a SentencePiece model ({e})") from None
-        self.hf, self.files, self.add_bos, self.chat_template = None, [path], True, ""
+        self.hf, self.files, self.add_bos, self.chat_template, self.template_file = None, [path], True, "", None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
@@ -78,10 +112,7 @@ class Tokenizer:
         except Exception as e:   # tokenizers raises plain Exceptions for malformed files
             raise InputError(f"{path} is not an HF tokenizer.json ({e})") from None
         config_path = path.with_name("tokenizer_config.json")
-        try:
-            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{config_path} is not valid JSON ({e})") from None
+        config = read_json(config_path, dict) if config_path.is_file() else {}
         self.sp, self.files = None, [path] + ([config_path] if config_path.is_file() else [])
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
 
@@ -99,7 +130,7 @@ class Tokenizer:
             raise InputError(f"{config_path}: no eos_token; the training encoding ends every sample with it")
         self.pad_id = next(i for i in (token_id("pad_token"), token_id("unk_token"), self.eos_id) if i is not None)
         self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id is not None
-        self.chat_template = config.get("chat_template") or ""
+        self.chat_template, self.template_file = config.get("chat_template") or "", config_path
         self._special = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
 
     def _ids_and_spans(self, text: str):
@@ -130,6 +161,7 @@ class Tokenizer:
         if not self.chat_template:
             raise InputError(f"{self.path}: the tokenizer has no chat template (--prompt-format chat needs one)")
         try:
+            from jinja2 import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             raise InputError("--prompt-format chat renders the chat template with jinja2 (pip install jinja2)") \
@@ -139,11 +171,32 @@ class Tokenizer:
             raise InputError(f"{self.path}: the chat template refuses the prompt: {message}")
 
         # transformers' rendering: a sandbox, trimmed blocks, the special tokens and raise_exception in scope.
-        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
         special = {name: self.hf.id_to_token(i) if self.hf is not None else self.sp.id_to_piece(i)
                    for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id)) if i is not None}
-        return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-                               raise_exception=refuse, **special)
+        too_slow = f"{self.template_file}: the chat template did not render a prompt within {RENDER_SECONDS:g} s"
+        try:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            template = env.from_string(self.chat_template)
+            with _time_limit(RENDER_SECONDS, too_slow):
+                return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       raise_exception=refuse, **special)
+        # A syntax error, a way out of the sandbox, an undefined name; the sandbox refuses a huge range() with an
+        # OverflowError, and a template may divide by zero.
+        except (TemplateError, ArithmeticError) as e:
+            at = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""   # a syntax error's
+            raise InputError(f"{self.template_file}: the chat template cannot be rendered "
+                             f"({type(e).__name__}{at}: {e})") from None
+
+    def check_model(self, args, model_dir) -> None:
+        """Refuse a tokenizer that does not fit the model in `model_dir` (`args`, its ModelArgs): more tokens than
+        the model embeds, or an EOS that is not its config.json's eos_token_id (one of them, for a list)."""
+        config = Path(model_dir) / "config.json"
+        if self.vocab_size > args.vocab_size:
+            raise InputError(f"{self.path} has {self.vocab_size} tokens but {model_dir} embeds {args.vocab_size}: "
+                             f"pass the model's own tokenizer (--tokenizer)")
+        if self.eos_id not in (args.eos_id if isinstance(args.eos_id, list) else [args.eos_id]):
+            raise InputError(f"{self.path} ends a sequence with EOS id {self.eos_id} but {config} names "
+                             f"eos_token_id {args.eos_id}: pass the model's own tokenizer (--tokenizer)")
 
     def encode_example(self, prompt: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:
         """TRACE training sample: [BOS] + prompt + answer + EOS, labels on the answer and EOS only.

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import logged, shared_path
+from conftest import logged, refused, shared_path
 from minseekr.buffer import TaskMemory
 from minseekr.checkpoint import load_hf
 from minseekr.config import METHODS, ContinualConfig
@@ -114,7 +114,7 @@ def test_resume_of_a_directory_train_did_not_write_names_the_missing_file(tmp_pa
     assert f"{tmp_path / 'run.json'} not found" in capsys.readouterr().err
 
 
-def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
+def test_train_then_eval_cli_agree_on_the_matrix(tmp_path, capsys):
     """`train.py --model ...` writes a run that `eval.py RUN_DIR` re-scores to the same accuracy matrix."""
     import eval as eval_cli
     import train as train_cli
@@ -135,8 +135,8 @@ def test_train_then_eval_cli_agree_on_the_matrix(tmp_path):
     evaluated = json.loads((run / "eval.json").read_text())
     assert evaluated["R"] == trained["R"] and evaluated["base"] == trained["base"]
     assert evaluated["OP"] == pytest.approx(trained["OP"])
-    with pytest.raises(SystemExit, match="run.json not found"):
-        eval_cli.main([str(tmp_path)])
+    assert "run.json not found: RUN_DIR must be a directory written by train.py" in \
+        refused(capsys, [str(tmp_path)], script="eval")
     # Each checkpoint carries its tokenizer: eval.py --model needs nothing else.
     ckpt = run / "checkpoints" / "task02"
     assert (ckpt / "tokenizer.model").read_bytes() == (model_dir / "tokenizer.model").read_bytes()

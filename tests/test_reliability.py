@@ -319,7 +319,7 @@ def test_resume_restores_the_thread_count_and_names_an_edited_config(setup, tmp_
     (run / "config.json").write_text(json.dumps({**config, "signal_dtype": "bf16"}))
     assert "--signal-dtype must be one of bfloat16|float16|float32, got 'bf16'" in refused(capsys, ["--resume", str(run)])
     (run / "config.json").write_text("{not json")
-    assert f"{run / 'config.json'} is not valid JSON" in refused(capsys, ["--resume", str(run)])
+    assert f"{run / 'config.json'}: not valid JSON" in refused(capsys, ["--resume", str(run)])
 
 
 # --- devices ----------------------------------------------------------------------------------------------------
