@@ -107,6 +107,8 @@ class ContinualConfig:
     replay_ratio: float = option(0.01, "|R_k| / |D_k|: the share of each task kept for replay", check=UNIT)
     replay_select: str = option("random", "R_k: a random draw (paper) or the first items of train.json (official)",
                                 ("random", "first"))
+    replay_rounding: str = option("round", "|R_k| = round(ratio·|D_k|) (nearest) or int(ratio·|D_k|) (floor: the "
+                                  "official code)", ("round", "floor"))
     lambda1: float = option(0.5, "λ1 of Eq. 13: CE versus logit distillation on replayed samples", check=UNIT)
     lambda2: float = option(1e3, "λ2 of Eq. 13: the attention-distillation weight", check=NONNEGATIVE)
     layer_budget: int = option(24, "B_L: layers that may hold distilled heads (Eq. 11)", check=AT_LEAST_1)
@@ -236,7 +238,8 @@ def read_settings(file, cls):
 # models or 10% replay), B_T 100. The authors' script (reference notes §1-§8): the same optimiser and batch,
 # λ2 1e3 everywhere, B_T = 0 (every row), the first 1% of train.json, and its own normalisations.
 _OFFICIAL = dict(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, clip=1.0, batch_size=16, grad_accum=8, max_len=1536,
-                 replay_ratio=0.01, replay_select="first", lambda1=0.5, lambda2=1e3, layer_budget=24, head_budget=128,
+                 replay_ratio=0.01, replay_select="first", replay_rounding="floor", lambda1=0.5, lambda2=1e3,
+                 layer_budget=24, head_budget=128,
                  query_budget=0, importance="official", sensitivity_entries="all", sensitivity_norm="mean_square",
                  forgettability_norm="mean_square", ad_norm="official", logit_loss="kl", max_prompt_len=1024,
                  max_new_tokens=512, eval_samples=0)
@@ -249,7 +252,8 @@ def preset(name: str, replay_ratio: float, n_layers: int) -> dict:
     if name != "paper":
         raise InputError(f"--preset must be one of {'|'.join(PRESETS)}, got {name!r}")
     ten_percent, thirteen_b = replay_ratio >= 0.1, n_layers == 40   # Vicuna-13B has 40 layers
-    return dict(_OFFICIAL, replay_ratio=replay_ratio, replay_select="random", lambda2=1e2 if ten_percent else 1e3,
+    return dict(_OFFICIAL, replay_ratio=replay_ratio, replay_select="random", replay_rounding="round",
+                lambda2=1e2 if ten_percent else 1e3,
                 layer_budget=8 if ten_percent or thirteen_b else 24, query_budget=100, importance="paper",
                 sensitivity_entries="valid", sensitivity_norm="frobenius", forgettability_norm="frobenius",
                 ad_norm="mean")

@@ -104,7 +104,8 @@ class ContinualTrainer:
         if self.method.replays:
             for s, task in enumerate(tasks[:-1]):   # the last task's R_k is never replayed
                 if self.replay_size(s) == 0:
-                    raise InputError(f"--replay-ratio {cfg.replay_ratio} keeps round({cfg.replay_ratio} × "
+                    rounding = "round" if cfg.replay_rounding == "round" else "int"
+                    raise InputError(f"--replay-ratio {cfg.replay_ratio} keeps {rounding}({cfg.replay_ratio} × "
                                      f"{len(task.train)}) = 0 samples of task {task.name} ({len(task.train)} training "
                                      f"samples), so --method {cfg.method} would replay nothing of it: use "
                                      f"--replay-ratio ≥ {1 / len(task.train):.3g}, or more training samples")
@@ -323,7 +324,8 @@ class ContinualTrainer:
     def replay_size(self, s) -> int:
         """|R_k| of stage s: 0 unless the method replays."""
         n = sum(len(self.tasks[k].train) for k in self.stages[s])
-        return round(self.cfg.replay_ratio * n) if self.method.replays else 0
+        count = self.cfg.replay_ratio * n
+        return (round(count) if self.cfg.replay_rounding == "round" else int(count)) if self.method.replays else 0
 
     def draw_replay(self, s, train):
         """R_k with its query rows: seeded per task, independent of any model (empty unless the method replays)."""

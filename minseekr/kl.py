@@ -172,9 +172,11 @@ class _AttentionKL(torch.autograd.Function):
             z = _logits(q_rows[:, hs], k.index_select(1, kv_heads[hs]), dtype)    # (B, h, T, S)
             lse.append(_log_sum_exp(z, hidden))
             a = torch.where(hidden, 0.0, teacher[:, hs].to(dtype))
-            # a·(log a − log p) with log p = z − lse: finite everywhere because a = 0 where z is masked.
-            kl.append((torch.xlogy(a, a) - a * (z - lse[-1][..., None])).sum(-1))
-            mass.append(a.sum(-1))
+            # a·(log a − log p) with log p = z − lse: finite everywhere because a = 0 where z is masked; less
+            # m·log m, the mass term, so the value is m·KL(a/m ‖ p) ≥ 0 (see backward).
+            m = a.sum(-1)
+            kl.append((torch.xlogy(a, a) - a * (z - lse[-1][..., None])).sum(-1) - torch.xlogy(m, m))
+            mass.append(m)
         lse, mass = _joined(lse), _joined(mass)
         ctx.save_for_backward(q_rows, k, hidden, teacher, kv_heads, lse, mass)
         ctx.chunks = chunks
@@ -185,10 +187,12 @@ class _AttentionKL(torch.autograd.Function):
         # With z_j = q·k_j/√d, p = softmax over the valid keys and m = Σ_valid a_j,
         #   KL = Σ_j a_j log a_j − Σ_j a_j z_j + m·lse(z),   ∂lse/∂z_j = p_j,
         # so ∂KL/∂z_j = m·p_j − a_j on valid keys and 0 elsewhere. When the teacher row is a
-        # distribution on the valid prefix (m = 1) this is the familiar p_j − a_j. If it is not,
-        # the gradient is still exact for the value computed, but that value is minimised at the
-        # renormalised teacher p = a/m, where it equals m·log m instead of 0 (a truncated or
-        # bf16-rounded teacher gives m ≈ 1 and a tiny shift). Chain rule through z = q·Kᵀ/√d:
+        # distribution on the valid prefix (m = 1) this is the familiar p_j − a_j. A stored row rounded
+        # to bf16 or fp8 is not (m ≠ 1): the value less m·log m is m·KL(a/m ‖ p), never negative and
+        # with the same gradient, m·(p − a/m), so the student is distilled towards the distribution
+        # a/m, the renormalised row, and the logged value is 0 where the student matches it. What
+        # rounding moved inside the row stays: fp8's ~6% per entry is what the target then differs
+        # by. Chain rule through z = q·Kᵀ/√d:
         #   dq_t = Σ_j δ_tj k_j /√d,   dk_j = Σ_{h in group, t} δ_tj q_t /√d,   δ = g_t·(m·p − a).
         q_rows, k, hidden, teacher, kv_heads, lse, mass = ctx.saved_tensors
         dtype = lse.dtype
@@ -216,7 +220,9 @@ def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None,
     """Eq. 5/12 per term: KL(A^k_{l,h,t} ‖ A_{l,h,t}) (B, H, T) for the sampled rows, fused.
 
     Same inputs as `attention_rows`, plus teacher (B, H, T, S) probabilities (zeros outside the
-    valid prefix); a padding row (−1) has no valid key, so its term and its gradient are exactly 0.
+    valid prefix); a padding row (−1) has no valid key, so its term and its gradient are exactly 0. A teacher
+    row of mass m ≠ 1 on the valid prefix (rounded to bf16 or fp8) gives m·KL(a/m ‖ A): the student is
+    distilled towards the renormalised row, and the value is never negative.
     Differentiable in q_rows and k; returns fp32 (fp64 for fp64 inputs) and leaves
     the reduction over heads, rows and samples to the caller. Query heads are processed in chunks whose
     (B, h, T, S) blocks hold at most `chunk_elements` entries (at least one head per chunk); the transient

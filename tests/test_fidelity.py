@@ -193,6 +193,17 @@ def test_an_empty_replay_buffer_is_an_error_naming_ratio_task_size_and_fix(tok, 
     ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg("seqft", replay_ratio=0.01), tmp_path)   # no replay
 
 
+def test_the_official_preset_sizes_r_k_as_the_official_code_with_int(tok, tmp_path):
+    """150 samples at 1%: round gives 2 (the paper's reading), int gives 1 (the official code's `int(0.01·n)`)."""
+    tasks = [Task(t, make_records(t, 150, 0), [], make_records(t, 2, 1)) for t in ("rev", "rot")]
+    sizes = {rounding: ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks,
+                                        cfg("derpp", replay_ratio=0.01, replay_rounding=rounding), tmp_path / rounding)
+             .replay_size(0) for rounding in ("round", "floor")}
+    assert sizes == {"round": 2, "floor": 1}
+    assert preset("official", 0.01, 32)["replay_rounding"] == "floor"
+    assert preset("paper", 0.01, 32)["replay_rounding"] == "round" == ContinualConfig().replay_rounding
+
+
 def test_a_missing_forgettability_snapshot_on_a_mid_task_resume_is_an_error(tok, tmp_path, monkeypatch):
     tasks = [Task(t, make_records(t, 32, 0), [], make_records(t, 2, 1)) for t in ("rev", "rot")]
     settings = cfg("seekr", batch_size=4, checkpoint_every=2)

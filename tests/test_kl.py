@@ -122,6 +122,24 @@ def test_values_and_gradients_equal_the_naive_full_map(n_kv):
     assert grads[1][1][:, :, 6:7].abs().max() == 0, "no row at position 6: its query gets no gradient"
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float8_e5m2], ids=["bf16", "fp8"])
+def test_a_rounded_teacher_is_distilled_as_its_renormalised_row_and_never_scores_below_zero(stored):
+    """A row stored in bf16 or fp8 no longer sums to 1 (mass m): the value is m·KL(a/m ‖ p), written out here
+    with the naive full map, so it is never negative and the student is pulled towards the distribution a/m."""
+    q, k = inputs()
+    student = attention_rows(select_rows(q, ROWS), k, ROWS, key_mask()).detach()   # the teacher is the student
+    teacher = student.to(stored).double()
+    mass = teacher.sum(-1)
+    assert (mass - 1).abs().max() > 1e-4                                          # rounding moved the mass
+    fused = fused_kl(q, k, ROWS, teacher, key_mask())
+    renormalised = teacher / mass.clamp_min(1e-300)[..., None]
+    naive = mass * naive_kl(q, k, ROWS, renormalised, key_mask())
+    torch.testing.assert_close(fused, naive, atol=1e-12, rtol=1e-9)
+    assert fused.min() > -1e-12
+    grads = torch.autograd.grad(fused.sum(), (q, k))
+    torch.testing.assert_close(grads, torch.autograd.grad(naive.sum(), (q, k)), atol=1e-12, rtol=1e-9)
+
+
 def test_chunked_run_equals_unchunked():
     q, k = inputs()
     teacher = random_teacher(ROWS, key_mask())
