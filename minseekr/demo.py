@@ -2,15 +2,21 @@
 
 `python train.py` with no --model runs it. θ_0 is a tiny LLaMA pre-trained on the copy task; it is a function of
 the code and of the settings below, so it is cached under weights/demo/ in a folder named by a fingerprint of
-both (the settings, the model's shape, every source file of the package and the torch version): a change to any
-of them builds a new θ_0, never reuses a stale one. Every method then learns the four permutation tasks in
-sequence from that θ_0, and its accuracy matrix, OP and BWT are printed; with several seeds a last table gives
-each method's mean ± std (the README's table is this printout). SEEKR's head importance is drawn when
-matplotlib is installed.
+both (the settings, the model's shape, every source file of the package, the torch version and ATen's CPU kernel
+path): a change to any of them builds a new θ_0, never reuses a stale one. Every method then learns the four
+permutation tasks in sequence from that θ_0, and its accuracy matrix, OP and BWT are printed; with several seeds a
+last table gives each method's mean ± std (the README's table is this printout). SEEKR's head importance is drawn
+when matplotlib is installed.
+
+The numbers are those of one kernel path: ATen's AVX512 kernels sum in another order than its AVX2 ones, and over
+the demo's thousand-odd steps that moves a single seed's OP by up to 30 points. So the demo pins AVX2
+(`pin_kernel_path`), where the README's numbers were printed, and says so when it cannot. The demo never replaces
+an earlier demo's output: it stops and asks for another --out.
 """
 import copy
 import hashlib
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -40,6 +46,7 @@ BASE = dict(task="cpy", samples=1000, epochs=16, lr=1e-3, batch_size=32, seed=0)
 SETTINGS = dict(lr=1e-3, weight_decay=0.0, batch_size=32, epochs=[10], max_len=32, replay_ratio=0.1, lambda1=0.5,
                 lambda2=10.0, layer_budget=2, head_budget=4, query_budget=12, eval_samples=200, max_new_tokens=8)
 N_TRAIN, N_TEST = 500, 200
+KERNELS = "AVX2"   # ATen's CPU kernel path of the README's numbers; other paths round differently (module docstring)
 # The parameter-efficient methods (#13) train only their own parameters on the frozen θ_0, with their own defaults
 # (pseudo-samples: --replay-ratio, 50 per task) and these learning rates: the authors' for O-LoRA (1e-3; 3e-3 and
 # 1e-2 did worse on seed 100) and PP (0.3); for the others one of two tried on seed 100, where every one of them
@@ -48,9 +55,22 @@ PET_SETTINGS = {"olora": dict(lr=1e-3), "pp": dict(lr=0.3), "l2p": dict(lr=3e-2)
                 "sapt": dict(lr=1e-3)}
 
 
+def pin_kernel_path() -> str:
+    """ATen's CPU kernel path for this process: AVX2 where the CPU has it, unless ATEN_CPU_CAPABILITY names another.
+    ATen reads that variable at the process's first CPU kernel and never again, so after one this only reports."""
+    if torch.cpu._is_avx2_supported():      # a forced AVX2 path on a CPU without it would die of illegal instructions
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        # MKL, behind every matmul, dispatches on its own (to AVX512 kernels on Intel CPUs that have them); it reads
+        # this at its first call. Capped alike: no change on the AMD EPYC we measured on; unmeasured on Intel CPUs.
+        os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def fingerprint(base: dict, model: dict, device: str) -> str:
-    """What θ_0 is a function of: its settings, the model's shape, the device, the package's code, torch's version."""
-    digest = hashlib.sha256(json.dumps([base, model, device, torch.__version__], sort_keys=True).encode())
+    """What θ_0 is a function of: its settings, the model's shape, the device, the package's code, torch's version
+    and the CPU kernel path in use."""
+    kernels = [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS", "")]
+    digest = hashlib.sha256(json.dumps([base, model, device, torch.__version__, kernels], sort_keys=True).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.name.encode() + source.read_bytes())
     return digest.hexdigest()[:16]
@@ -114,9 +134,21 @@ def table(results: dict) -> str:
 def run(out: Path, seeds: list[int], methods: list[str], typed: dict, fsdp="minseekr", root: Path = Path("."),
         n_train: int = N_TRAIN, n_test: int = N_TEST, base: dict = BASE, names=TASKS, device: str = "cpu"):
     """Every method on every seed from the same θ_0, in one process on `device`; prints each matrix, then the
-    table; writes demo-summary.json."""
+    table; writes demo-summary.json. Refuses an `out` that holds an earlier demo's output."""
+    kernels = pin_kernel_path()           # before anything computes
+    earlier = sorted(Path(out).glob("demo-seed*")) + sorted(Path(out).glob("demo-summary.json"))
+    if earlier:
+        raise InputError(f"{out} already holds a demo's output ({earlier[0].name}): give the demo another --out, "
+                         f"or remove {out} to run it there again")
     if init_distributed(device)[1] > 1:
         raise InputError("the demo runs in one process: python train.py (not torchrun)")
+    if kernels != KERNELS:
+        asked = os.environ.get("ATEN_CPU_CAPABILITY", "")
+        why = (f"ATEN_CPU_CAPABILITY={asked}" if asked.upper() == kernels else
+               "this CPU has no AVX2" if not torch.cpu._is_avx2_supported() else
+               "this process ran a CPU kernel before the demo, and ATen keeps its first path")
+        print0(f"note: the demo computes on ATen's {kernels} CPU kernels, not {KERNELS} ({why}); its numbers will "
+               f"differ from the README's, a single seed's OP by up to 30 points")
     theta0, tok = base_model(root / "weights" / "demo", base, device=device)
     results = {}
     for seed in seeds:
@@ -124,7 +156,6 @@ def run(out: Path, seeds: list[int], methods: list[str], typed: dict, fsdp="mins
         for method in methods:
             cfg = resolve(SETTINGS, PET_SETTINGS.get(method, {}), typed, {"method": method, "seed": seed})
             run_dir = Path(out) / f"demo-seed{seed}" / method
-            shutil.rmtree(run_dir, ignore_errors=True)   # the demo's own output of an earlier invocation
             model = copy.deepcopy(theta0).requires_grad_(not METHODS[method].adapts)   # PET: the base frozen
             engine = build_engine(model, fsdp, device=torch.device(device), betas=cfg.betas,
                                   weight_decay=cfg.weight_decay)
