@@ -6,15 +6,16 @@ model, tokenizer, data and settings. `changes` names what differs ("task rev's r
 so a refusal says what to restore. At the start of a torchrun job every rank compares its own with rank 0's: ranks
 started with different `--data`, `--train-samples` or settings stop together, naming what differs.
 
-The model's digest covers each rank's own shards of θ_0 as loaded into the engine (bytes and names), taken before
-any training, so it depends on the engine and world size too; a resume already needs both unchanged.
+The model's digest covers θ_0's full weights as loaded into the engine (names and fp32 bytes), taken before any
+training: one gather per unit, as an export does, and the same for either engine and any world size, so the buffer
+of a two-rank run equals that of one process.
 """
 import hashlib
 import json
 
 import torch
 
-from minseekr.runtime import gather
+from minseekr.runtime import gather, rank_world
 
 # run.json's fields that do not change what a run computes: where things are (paths are checked by content),
 # the thread count (a resume may change it), the demo's own choices.
@@ -27,13 +28,14 @@ def digest(obj) -> str:
 
 
 def model_digest(engine) -> str:
-    """sha256 of every rank's shards of the engine's weights (gathered: every rank must call it)."""
-    h = hashlib.sha256()
-    for name, t in sorted(engine.state_tensors().items()):
-        if name.endswith(".shard"):
+    """sha256 of the engine's full weights by name, in the model's order: the same for any engine and world size
+    (every rank must call it: each full tensor is gathered in turn, and rank 0 hashes it)."""
+    h, rank = hashlib.sha256(), rank_world()[0]
+    for name, t in engine.full_tensors():
+        if rank == 0:
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest(gather(h.hexdigest()))
+    return gather(h.hexdigest())[0]
 
 
 def fingerprint(engine, tokenizer, tasks, cfg: dict, spec: dict | None) -> dict:

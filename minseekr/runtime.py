@@ -81,11 +81,27 @@ def _start_group(kwargs):
 
 
 def shutdown() -> None:
-    """End a torchrun job's process group together (every rank waits for the others first); a process group of one
-    that this process made for itself (no torchrun) stays up for later callers in the same process."""
+    """End a torchrun job together: every rank waits for the others, destroys the process group and ends its process
+    at once, exit code 0. A process group of one that this process made for itself (no torchrun) stays up for later
+    callers in the same process, which goes on.
+
+    Why the process ends here: gloo's threads outlive destroy_process_group while anything still holds the group
+    (torch.distributed.nn binds it as a default argument when torch.optim or fully_shard imports it after the group
+    exists; DTensor's caches under --fsdp torch), and such a thread frees a finished collective's tensors a moment
+    after the collective returns. If that moment falls after the interpreter began to finalize, the thread is killed
+    inside a destructor: std::terminate ("terminate called without an active exception"), a rank aborted after its
+    work was done."""
     if dist.is_initialized() and "RANK" in os.environ:
         dist.barrier()
         dist.destroy_process_group()
+        _end(0)
+
+
+def _end(code: int):
+    """Leave a torchrun rank's process now, its output flushed, without finalizing the interpreter (`shutdown`)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank_world() -> tuple[int, int]:
@@ -202,6 +218,8 @@ def exit_on_input_errors(prog: str):
             DiskFullError) as e:
         if rank_world()[0] == 0:
             print(f"{prog}: error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr, flush=True)
+        if dist.is_initialized() and "RANK" in os.environ:
+            _end(2)   # a rank of a torchrun job: as `shutdown`, never through the interpreter's teardown
         sys.exit(2)
 
 

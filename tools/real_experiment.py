@@ -7,7 +7,10 @@
 Every configuration × seed is one `train.py` run in its own process on one thread, `--jobs` at a time (default:
 one per core; on a small CPU two threads in one process make every small op several times slower than one). A
 finished run (its results.json) is kept and skipped when the command is given again, so an interrupted
-experiment continues where it stopped. Then, from the runs' own files, it writes into --out:
+experiment continues where it stopped. A finished run's resume point is removed (a finished run never resumes),
+and `--keep` says which of its task checkpoints stay (each a full model, ~0.5 GB for SmolLM2-135M): every one by
+default, so that `eval.py RUN` re-scores the run; SeqFT always keeps θ_1 ... θ_T, the grafting's models. Each
+removal is printed. Then, from the runs' own files, it writes into --out:
 
     summary.md / summary.json   OP and BWT (mean ± std over seeds), each run's R matrix, the wall times
                                 (summary-TAG.md etc. with --tag)
@@ -100,11 +103,17 @@ def command(model, data, out_dir, config: str, seed: int) -> list[str]:
             "--order", ",".join(ORDER), "--out", str(out_dir), "--device", "cpu", "--threads", "1", *flags(settings)]
 
 
-def run_one(model, data, out: Path, config: str, seed: int) -> tuple[str, int, float, str]:
-    """One run (skipped if it finished before): (config, seed, minutes, error or "")."""
+# What --keep keeps of a finished run's task checkpoints (its resume point is always removed).
+KEEP = {"all": "every task checkpoint (eval.py RUN re-scores the run)",
+        "last": "the last task's checkpoint (eval.py --model RUN/checkpoints/taskNN scores the final model)",
+        "none": "no task checkpoint"}
+
+
+def run_one(model, data, out: Path, config: str, seed: int, keep: str = "all") -> tuple[str, int, float, str, str]:
+    """One run (skipped if it finished before): (config, seed, minutes, error or "", what was removed or "")."""
     run = RunDir(out / f"seed{seed}" / config)
     if run.results.is_file():
-        return config, seed, 0.0, ""
+        return config, seed, 0.0, "", ""
     shutil.rmtree(run.root, ignore_errors=True)   # an interrupted run starts over: its settings are ours
     run.root.mkdir(parents=True)
     start = time.time()
@@ -112,13 +121,41 @@ def run_one(model, data, out: Path, config: str, seed: int) -> tuple[str, int, f
     with open(run.root.parent / f"{config}.log", "w") as log:
         rc = subprocess.call(command(model, data, run.root, config, seed), stdout=log, stderr=subprocess.STDOUT,
                              env=env)
-    error = "" if rc == 0 else f"exit {rc}, see {run.root.parent / f'{config}.log'}"
-    # Keep what the summary and the figures read; SeqFT's task checkpoints are the grafting's models.
-    shutil.rmtree(run.resume, ignore_errors=True)
-    for checkpoint in sorted((run.root / "checkpoints").glob("task*")):
-        if config != "seqft" or checkpoint.name == "task00":
-            shutil.rmtree(checkpoint)
-    return config, seed, (time.time() - start) / 60, error
+    if rc != 0:   # a failed run keeps every file, to be read; the next command starts it over
+        return config, seed, (time.time() - start) / 60, f"exit {rc}, see {run.root.parent / f'{config}.log'}", ""
+    return config, seed, (time.time() - start) / 60, "", prune(run, config, keep)
+
+
+def prune(run: RunDir, config: str, keep: str) -> str:
+    """Remove a finished run's resume point and the task checkpoints that `keep` does not keep (SeqFT keeps
+    θ_1 ... θ_T, the grafting's models); returns what was removed, in words ("" for nothing)."""
+    checkpoints = sorted((run.root / "checkpoints").glob("task*"))
+    kept = {"all": checkpoints, "last": checkpoints[-1:], "none": []}[keep]
+    if config == "seqft":
+        kept = [c for c in checkpoints if c in kept or c.name != "task00"]
+    removed = [p for p in (run.resume, *checkpoints) if p.exists() and p not in kept]
+    if not removed:
+        return ""
+    size = sum(f.stat().st_size for p in removed for f in p.rglob("*") if f.is_file())
+    for path in removed:
+        shutil.rmtree(path)
+    return f"removed {', '.join(f'{p.relative_to(run.root)}/' for p in removed)} ({size / 1e9:.2f} GB)"
+
+
+def keeping(model, out: Path, jobs, keep: str) -> str:
+    """What `keep` keeps of the runs still to do, in words, with the disk it takes."""
+    todo = [c for c, s in jobs if not RunDir(out / f"seed{s}" / c).results.is_file()]
+    per_run = {"all": len(ORDER) + 1, "last": 1, "none": 0}[keep]
+    n = sum(max(per_run, len(ORDER)) if c == "seqft" else per_run for c in todo)
+    size = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 1e9
+    seqft = "" if keep == "all" else f"; SeqFT keeps θ_1 ... θ_{len(ORDER)}, the grafting's models"
+    return (f"--keep {keep}: each finished run keeps {KEEP[keep]} and loses its resume/{seqft}; the {len(todo)} "
+            f"runs to do will keep up to {n} checkpoints of {size:.2f} GB ({n * size:.1f} GB)")
+
+
+def over_seeds(seeds) -> str:
+    """What a number over `seeds` is: a mean ± std, or with one seed that seed's value."""
+    return f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
 
 
 def spread(values) -> str:
@@ -132,7 +169,7 @@ def summarize(out: Path, configs, seeds, minutes: dict, tag: str = "") -> str:
     """summary.md and summary.json from the runs' results.json, and results.png (`-tag` after each name when
     given); returns the markdown."""
     results = {c: [json.loads(RunDir(out / f"seed{s}" / c).results.read_text()) for s in seeds] for c in configs}
-    lines = [f"## OP and BWT (%, mean ± std over seeds {', '.join(map(str, seeds))})", "",
+    lines = [f"## OP and BWT (%, {over_seeds(seeds)})", "",
              "| configuration | OP | BWT | " + " | ".join(f"seed {s} OP / BWT" for s in seeds) + " |",
              "|---|---|---|" + "---|" * len(seeds)]
     for c, runs in results.items():
@@ -152,7 +189,7 @@ def summarize(out: Path, configs, seeds, minutes: dict, tag: str = "") -> str:
     suffix = f"-{tag}" if tag else ""
     (out / f"summary{suffix}.md").write_text(text)
     (out / f"summary{suffix}.json").write_text(json.dumps(results, indent=1))
-    figure(draw_results, out / f"results{suffix}.png", results)
+    figure(draw_results, out / f"results{suffix}.png", results, seeds)
     for s, r in zip(seeds, results.get("seekr", [])):
         draw_importance(out / f"seed{s}" / "seekr", r["heads"])
     return text
@@ -166,19 +203,26 @@ def figure(draw, path: Path, *args):
         print(f"(pip install matplotlib, or -e .[tools], to draw {path.name})")
 
 
-def draw_results(path: Path, results: dict):
+def bars(results: dict, key: str, seeds) -> tuple[list[float], list[float] | None, str]:
+    """One panel of results.png: each configuration's mean `key`, the seeds' std as error bars (None with one
+    seed: no error bar), the title."""
+    values = [[r[key] for r in runs if r[key] is not None] for runs in results.values()]
+    means = [statistics.mean(v) if v else 0.0 for v in values]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values] if len(seeds) > 1 else None
+    return means, stds, f"{key}, {over_seeds(seeds)}"
+
+
+def draw_results(path: Path, results: dict, seeds):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, key in zip(axes, ("OP", "BWT")):
-        values = [[r[key] for r in results[c] if r[key] is not None] for c in names]
-        means = [statistics.mean(v) if v else 0.0 for v in values]
-        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="tab:blue")
+        means, stds, title = bars(results, key, seeds)
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3 if stds else 0, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
-        ax.set(ylabel=f"{key} (%)", title=f"{key}, mean ± std over {len(results[names[0]])} seeds")
+        ax.set(ylabel=f"{key} (%)", title=title)
         ax.axhline(0, color="black", linewidth=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -223,15 +267,15 @@ def grafting(model, data, out: Path, seeds, jobs: int) -> str:
         mine = [r for r in rows if r["task"] == task]
         lines.append(f"| {task.split('_')[0]} | " + " | ".join(spread([r[c] for r in mine]) for c in columns)
                      + " |")
-    lines += ["", f"(mean ± std over seeds {', '.join(map(str, seeds))}; 'after the task' is θ_j on its own task j)"]
+    lines += ["", f"({over_seeds(seeds)}; 'after the task' is θ_j on its own task j)"]
     text = "\n".join(lines) + "\n"
     (out / "grafting.md").write_text(text)
     (out / "grafting.json").write_text(json.dumps(rows, indent=1))
-    figure(draw_grafting, out / "grafting.png", rows, columns)
+    figure(draw_grafting, out / "grafting.png", rows, columns, seeds)
     return text
 
 
-def draw_grafting(path: Path, rows, columns):
+def draw_grafting(path: Path, rows, columns, seeds):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -240,10 +284,12 @@ def draw_grafting(path: Path, rows, columns):
     for c, column in enumerate(columns):
         values = [[r[column] for r in rows if r["task"] == t]
                   for t in ORDER[:-1]]
+        stds = [statistics.stdev(v) for v in values] if len(seeds) > 1 else None   # one seed: no error bars
         ax.bar([i + c * width for i in range(len(values))], [statistics.mean(v) for v in values], width,
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=2, label=column)
+               yerr=stds, capsize=2 if stds else 0, label=column)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ORDER) - 1)], [t.split("_")[0] for t in ORDER[:-1]])
-    ax.set(ylabel="score (%)", title="earlier tasks after sequential fine-tuning, with grafted attention")
+    ax.set(ylabel="score (%)", title=f"earlier tasks after sequential fine-tuning, with grafted attention "
+                                     f"({over_seeds(seeds)})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -260,6 +306,10 @@ def main(argv=None):
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one thread each")
     parser.add_argument("--tag", default="", help="written as summary-TAG.md (etc.), beside other summaries")
+    parser.add_argument("--keep", default="all", choices=list(KEEP),
+                        help="which task checkpoints a finished run keeps (default: all): all, every one (eval.py "
+                             "re-scores the run); last, the final model's; none. SeqFT always keeps θ_1 ... θ_T "
+                             "(the grafting's models); a finished run's resume point is always removed")
     a = parser.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     configs = a.configs.split(",")
@@ -272,15 +322,16 @@ def main(argv=None):
     start, minutes, failed = time.time(), {}, []
     jobs = [(c, s) for c in configs for s in seeds]   # a configuration over every seed before the next
     print(f"{len(jobs)} runs, {a.jobs} at a time; logs in {out}/seed*/<configuration>.log")
+    print(keeping(a.model, out, jobs, a.keep))
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        for n, (config, seed, took, error) in enumerate(
-                pool.map(lambda job: run_one(a.model, a.data, out, *job), jobs), 1):
+        for n, (config, seed, took, error, removed) in enumerate(
+                pool.map(lambda job: run_one(a.model, a.data, out, *job, keep=a.keep), jobs), 1):
             if error:
                 failed.append(f"{config} seed {seed}: {error}")
             elif took:
                 minutes.setdefault(config, []).append(took)
-            print(f"[{n}/{len(jobs)}] {config} seed {seed}: " + (error or f"{took:.1f} min" if took else "done before"),
-                  flush=True)
+            done = error or (f"{took:.1f} min" if took else "done before")
+            print(f"[{n}/{len(jobs)}] {config} seed {seed}: {done}" + (f"; {removed}" if removed else ""), flush=True)
     if failed:
         sys.exit("failed runs:\n  " + "\n  ".join(failed))
     print(summarize(out, configs, seeds, minutes, a.tag))

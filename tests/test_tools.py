@@ -1,0 +1,63 @@
+"""tools/head_maps.py: its budgets follow the model (the paper's proportions), budgets that would select every head
+are refused by name, and its --help shows every default."""
+import json
+import sys
+
+import pytest
+from conftest import ROOT, shared_path
+
+from minseekr.heads import HeadScores
+from minseekr.runtime import InputError
+
+sys.path.insert(0, str(ROOT / "tools"))
+import head_maps as tool  # noqa: E402
+import real_experiment as experiment  # noqa: E402
+
+
+def test_default_budgets_are_the_papers_proportions_of_the_model():
+    assert tool.budgets(32, 32) == (24, 128)                       # LLaMA-2-7B: the paper's own
+    assert tool.budgets(30, 9) == (experiment.SETTINGS["layer_budget"], experiment.SETTINGS["head_budget"])
+    assert tool.budgets(5, 8) == (3, 5)                            # stories260K: 5 of its 40 heads
+    assert tool.budgets(2, 4) == (1, 1)
+    assert tool.budgets(5, 8, layer_budget=2) == (2, 5) and tool.budgets(5, 8, head_budget=7) == (3, 7)
+
+
+@pytest.mark.parametrize("given, named", [
+    ((5, 40), "--layer-budget 5 and --head-budget 40 select every head of the model's 5 layers × 8 heads"),
+    ((24, None), "--layer-budget 24: expected 1 to the model's 5 layers"),
+    ((2, 17), "--head-budget 17: expected 1 to the 16 heads"),
+    ((0, None), "--layer-budget 0"),
+], ids=["every-head", "layers-beyond-the-model", "heads-beyond-the-layers", "no-layer"])
+def test_budgets_out_of_range_or_selecting_every_head_are_refused_by_name(given, named):
+    with pytest.raises(InputError, match=named):
+        tool.budgets(5, 8, *given)
+
+
+def test_help_shows_every_default(capsys):
+    parser = tool.parser()
+    optional = [a for a in parser._actions if a.option_strings and a.dest != "help" and not a.required]
+    assert optional
+    for action in optional:
+        assert "default" in action.help, action.dest
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 50)" in text and "3/4 of the model's layers" in text and "1/8 of the model's heads" in text
+
+
+def test_default_budgets_select_an_eighth_of_a_small_models_heads(tmp_path, monkeypatch, capsys):
+    model = shared_path("artifacts", "stories260K-hf")             # 5 layers × 8 heads
+    task = tmp_path / "count"
+    task.mkdir()
+    task.joinpath("train.json").write_text(json.dumps([{"prompt": f"Count to {n}:", "answer": " 1 2 3"[:2 * n]}
+                                                       for n in (1, 2, 3)]))
+    monkeypatch.setattr(tool, "draw", lambda *args: None)           # the figures need matplotlib, the choice does not
+    tool.main(["--checkpoints", str(model), str(model), "--tasks", str(task), "--out", str(tmp_path / "maps"),
+               "--samples", "3", "--max-len", "32"])
+    out = capsys.readouterr().out
+    assert "5 heads selected (B_H = 5 of the model's 5 × 8) in" in out and "(B_L = 3)" in out
+    assert HeadScores.load(tmp_path / "maps" / "head_scores.safetensors").tasks == ["count"]
+    with pytest.raises(SystemExit):
+        tool.main(["--checkpoints", str(model), str(model), "--tasks", str(task), "--out", str(tmp_path / "maps"),
+                   "--layer-budget", "5", "--head-budget", "40"])
+    assert "select every head" in capsys.readouterr().err
