@@ -7,8 +7,9 @@
     python train.py --resume runs/superni-seekr              # continue after a crash, from the latest resume point
 
 Every field of `RunConfig` and `ContinualConfig` (minseekr/config.py) is a --flag. Settings resolve
-in one order: the library's defaults, then the order's epochs (Appendix B), then --preset, then the flags typed
-here (the demo: its own settings, then the typed flags). The resolved settings are written into the run directory.
+in one order: the library's defaults, then the method's authors' (config.METHOD_DEFAULTS), then the order's epochs
+(Appendix B), then --preset, then the flags typed here (the demo: the library's and the authors' defaults, its own
+settings, then the typed flags). The resolved settings are written into the run directory.
 """
 import dataclasses
 import sys
@@ -18,8 +19,8 @@ import torch
 
 from minseekr import demo
 from minseekr.checkpoint import read_args
-from minseekr.config import (METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset, read_settings,
-                             resolve, typed_flags)
+from minseekr.config import (METHOD_DEFAULTS, METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset,
+                             read_settings, resolve, typed_flags)
 from minseekr.continual import ContinualTrainer
 from minseekr.data import format_prompts, load_sequence, parse_order
 from minseekr.engine import load_engine
@@ -83,7 +84,8 @@ def train(argv):
         typed_cfg = from_flags(ContinualConfig, ns, typed)
         ratio = typed_cfg.get("replay_ratio", ContinualConfig.replay_ratio)
         chosen = preset(run.preset, ratio, args.n_layers) if run.preset else {}
-        cfg = resolve({"epochs": epochs}, chosen, typed_cfg)
+        authors = METHOD_DEFAULTS.get(typed_cfg.get("method", ContinualConfig.method), {})   # its authors' first
+        cfg = resolve(authors, {"epochs": epochs}, chosen, typed_cfg)
     if cfg.max_len > args.max_seq_len:
         raise InputError(f"--max-len {cfg.max_len} exceeds the {args.max_seq_len} positions of {run.model} "
                          f"(max_position_embeddings)")

@@ -4,8 +4,9 @@ Defaults are the paper's (Sec. 4.1, Appendix B, the equations as written). Each 
 chooses differently is one field away, named after what it does; `--preset official` sets them all. A field's
 `help` and `choices` become its flag's help text and allowed values (`add_flags`), so every entry point's
 dataclass is its command line. Settings resolve in one visible order (`resolve`): the library's defaults, then
-the task order's epochs, then a preset, then the flags typed on the command line (the demo: the library's
-defaults, its own settings, the typed flags).
+the method's authors' defaults where they differ (`METHOD_DEFAULTS`), then the task order's epochs, then a preset,
+then the flags typed on the command line (the demo: the library's defaults, the method's authors', its own
+settings, the typed flags).
 """
 import argparse
 import dataclasses
@@ -28,7 +29,7 @@ class Method:
     penalises_drift: bool = False     # adds a quadratic penalty towards earlier weights (EWC)
     joint: bool = False               # trains once on every task together (MTL, the upper bound)
     adapts: bool = False              # trains only its own parameters beside the frozen model (PET: olora.py)
-    learns_inputs: bool = False       # also trains to write the task's inputs: LM loss on prompt tokens (LFPT5)
+    learns_inputs: bool = False       # also trains to write the task's samples: an LM loss on every token (LFPT5)
     pseudo_replay: bool = False       # its buffer R_k holds samples θ_k writes of task k, never real ones (LFPT5)
     reflects: bool = False            # replays pseudo-inputs of finished tasks through its selection (SAPT's ARM)
 
@@ -59,10 +60,12 @@ POSITIVE, NONNEGATIVE, AT_LEAST_1, UNIT, BETA = ((lambda v: v > 0, "> 0"), (lamb
 SEED = (lambda v: 0 <= v < 2**32, "in 0..2^32−1")
 
 
-def option(default, help, choices=None, check=None):
-    """A config field with its flag's one-line help, and its allowed values or range (checked by `validate`)."""
+def option(default, help, choices=None, check=None, per_task=False):
+    """A config field with its flag's one-line help, and its allowed values or range (checked by `validate`).
+    A `per_task` number takes one value or a list of one per task; one value is kept as a plain number, so a
+    run's config.json (and its fingerprint) reads as it did before lists were allowed."""
     kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(**kwargs, metadata={"help": help, "choices": choices, "check": check})
+    return field(**kwargs, metadata={"help": help, "choices": choices, "check": check, "per_task": per_task})
 
 
 def validate(config) -> None:
@@ -71,18 +74,28 @@ def validate(config) -> None:
     for f in fields(config):
         value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
         kind = type(f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        per_task = f.metadata.get("per_task") and isinstance(value, (list, tuple))
+        if per_task:   # one value per task; a single one is every task's, kept as a plain number
+            if not value:
+                raise InputError(f"{flag} needs at least one value")
+            value = [float(v) if kind is float and type(v) is int else v for v in value]
+            value, per_task = (value[0], False) if len(value) == 1 else (value, True)
+            setattr(config, f.name, value)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
             setattr(config, f.name, value)
         if kind in (list, tuple) and isinstance(value, (list, tuple)):
             value = kind(value)
             setattr(config, f.name, value)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        if per_task:
+            if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                raise InputError(f"{flag} must be a {kind.__name__} or one per task, got {value!r}")
+        elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise InputError(f"{flag} must be a {kind.__name__}, got {value!r}")
         allowed, check = f.metadata.get("choices"), f.metadata.get("check")
         if allowed and value not in allowed:
             raise InputError(f"{flag} must be one of {'|'.join(a for a in allowed if a)}, got {value!r}")
-        items = value if kind in (list, tuple) else [value]
+        items = value if kind in (list, tuple) or per_task else [value]
         if kind in (list, tuple) and not items:
             raise InputError(f"{flag} needs at least one value")
         if any(isinstance(v, float) and not math.isfinite(v) for v in items):
@@ -94,9 +107,13 @@ def validate(config) -> None:
 @dataclass
 class ContinualConfig:
     method: str = option("seekr", "continual-learning method", tuple(METHODS))
-    lr: float = option(1e-5, "AdamW learning rate, constant (the paper's 7B setting)", check=POSITIVE)
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay on matrices and embeddings", check=NONNEGATIVE)
-    betas: tuple = option((0.9, 0.95), "AdamW betas β1,β2 (the official code's)", check=BETA)
+    lr: float | list = option(1e-5, "AdamW learning rate, constant within a task: one value, or one per task "
+                              "(default: 1e-05, the paper's 7B setting; olora 0.001 and pp 0.3, their authors')",
+                              check=POSITIVE, per_task=True)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay on matrices and embeddings (default: 0.0; pp "
+                                 "1e-05, its authors')", check=NONNEGATIVE)
+    betas: tuple = option((0.9, 0.95), "AdamW betas β1,β2 (default: 0.9,0.95, SEEKR's and TRACE's; olora, sapt and "
+                          "pp default to 0.9,0.999, their authors')", check=BETA)
     clip: float = option(1.0, "global gradient-norm clip", check=POSITIVE)
     batch_size: int = option(16, "sequences per micro-step, summed over ranks", check=AT_LEAST_1)
     grad_accum: int = option(1, "micro-steps per optimiser step; the step's gradient is their mean", check=AT_LEAST_1)
@@ -144,29 +161,39 @@ class ContinualConfig:
     lora_rank: int = option(8, "olora: the LoRA rank r (O-LoRA's scripts)", check=AT_LEAST_1)
     lora_alpha: float = option(32.0, "olora, sapt: LoRA's α; the update is scaled by α/r (O-LoRA's and SAPT's "
                                "scripts)", check=POSITIVE)
-    lora_dropout: float = option(0.1, "olora: dropout on a LoRA's input while training", check=BETA)
+    lora_dropout: float = option(0.1, "olora: dropout on a projection's input while training, one mask shared by "
+                                 "every task's LoRA (O-LoRA's)", check=BETA)
     olora_lambda1: float = option(0.5, "olora: λ1, the weight of Σ|A_old A_newᵀ| (O-LoRA's scripts)",
                                   check=NONNEGATIVE)
     olora_lambda2: float = option(0.0, "olora: λ2, the weight of the new LoRA's L2 norms (O-LoRA's scripts)",
                                   check=NONNEGATIVE)
-    prompt_tokens: int = option(10, "pp: soft-prompt vectors per task (Progressive Prompts' scripts); lfpt5: "
-                                "its one prompt's", check=AT_LEAST_1)
-    prompt_bottleneck: int = option(800, "pp: width of the prompt's residual MLP (Progressive Prompts' code)",
-                                    check=AT_LEAST_1)
-    l2p_pool: int = option(10, "l2p: prompts in the pool, M (the L2P paper)", check=AT_LEAST_1)
-    l2p_length: int = option(5, "l2p: vectors per prompt, L (the L2P paper)", check=AT_LEAST_1)
+    prompt_tokens: int = option(10, "soft-prompt vectors: pp's per task, lfpt5's one prompt's (default: 10; pp "
+                                "20, TRACE's prefix_len)", check=AT_LEAST_1)
+    prompt_bottleneck: int = option(0, "pp: b, the first width of the prompt's residual MLP d→b→b/2→d (TRACE's "
+                                    "ResMLP 'MLP2'); 0 = 2·d, TRACE's", check=(lambda v: v == 0 or v >= 2,
+                                                                               "0 or ≥ 2"))
+    l2p_pool: int = option(10, "l2p: prompts in the pool, M (TRACE's training/main.py)", check=AT_LEAST_1)
+    l2p_length: int = option(5, "l2p: vectors per prompt, L (TRACE's training/main.py)", check=AT_LEAST_1)
     l2p_top_k: int = option(3, "l2p: prompts read before an input, N (TRACE's L2P)", check=AT_LEAST_1)
     l2p_pull: float = option(0.5, "l2p: λ, the weight of the chosen keys' pull towards the query (TRACE's L2P)",
                              check=NONNEGATIVE)
-    lfpt5_gen_weight: float = option(0.25, "lfpt5: λ_gen, the weight of the LM loss on the prompt's tokens "
-                                     "(LFPT5, LAMOL)", check=NONNEGATIVE)
-    sapt_rank: int = option(4, "sapt: each task's LoRA rank r (SAPT's code; α is --lora-alpha, 32 as theirs)",
-                            check=AT_LEAST_1)
-    sapt_dropout: float = option(0.0, "sapt: dropout on a LoRA's input while training (SAPT's code)", check=BETA)
-    arm_weight: float = option(1.0, "sapt: λ_ARM, the weight of ARM's KL on pseudo-inputs (SAPT's --kl_ratio)",
-                               check=NONNEGATIVE)
-    pseudo_inputs: str = option("self", "sapt: the earlier tasks' pseudo-inputs: 'self' (written by the model, "
-                                "--replay-ratio of each task) or a folder of SAPT's <task>/pseudo.json")
+    lfpt5_gen_weight: float = option(0.25, "lfpt5: λ_gen, the weight of the LM loss on every sample's prompt and "
+                                     "answer (LFPT5's Classification.sh and parser)", check=NONNEGATIVE)
+    lfpt5_kd: float = option(0.01, "lfpt5: kd in (1 − kd)·(CE + λ_gen·LM) + kd·KD, KD the KL to the stored "
+                             "logits of replayed pseudo-samples (LFPT5's Classification.sh; their parser's default "
+                             "is 0.05)", check=UNIT)
+    sapt_rank: int = option(4, "sapt: each task's LoRA rank r (SAPT's gen_script_superni_llama.py; α is "
+                            "--lora-alpha, 32 as theirs)", check=AT_LEAST_1)
+    sapt_dropout: float = option(0.0, "sapt: dropout on a LoRA's input while training (SAPT's "
+                                 "gen_script_superni_llama.py)", check=BETA)
+    arm_weight: float = option(1.0, "sapt: λ_ARM, the weight of ARM's KL on pseudo-inputs (SAPT's --kl_ratio in "
+                               "gen_script_superni_llama.py; run_llama.py's default is 0.5)", check=NONNEGATIVE)
+    pseudo_inputs: str = option("auto", "sapt: the earlier tasks' pseudo-inputs. auto: SAPT's released ones (written "
+                                "by a separate generator) from sapt-pseudo/<task>/pseudo.json beside the --data "
+                                "folder, for each task that folder has; every other task's written by the model "
+                                "itself (a note names it). self: all written by the model itself, after the task "
+                                "(not SAPT's way), --replay-ratio of each task. A folder: its <task>/pseudo.json, "
+                                "which every task must have")
     eval_samples: int = option(0, "test records scored per task (0 = the whole test set, as the paper)",
                                check=NONNEGATIVE)
     max_new_tokens: int = option(512, "generation length at evaluation (stops at EOS)", check=AT_LEAST_1)
@@ -189,6 +216,10 @@ class ContinualConfig:
                              f"(--l2p-pool {self.l2p_pool})")
         if self.logit_loss == "mse" and self.logit_topk:
             raise InputError("--logit-loss mse compares whole logit vectors: it needs --logit-topk 0 (full logits)")
+
+    def lr_for(self, k: int) -> float:
+        """Task k's learning rate: the one value, or the k-th of one per task."""
+        return self.lr if isinstance(self.lr, float) else self.lr[k]
 
 
 @dataclass
@@ -233,6 +264,21 @@ def read_settings(file, cls):
         raise InputError(f"{file}: {e}") from None
 
 
+# Each baseline's defaults where its authors' differ from the library's (SEEKR's), applied right after the library's
+# defaults and before the order's epochs, a preset and the typed flags (`resolve`). The method's docstring names
+# the sources and every setting left at the library's value:
+# - olora: lr 1e-3 (scripts_llama/order_*.sh @a59baaa, every task; @ff73694 the first task only, olora.py) and the
+#   betas of the HF Trainer's AdamW, to which their DeepSpeed configs leave them ("auto"). Weight decay 0 and clip
+#   1.0, as the library's.
+# - sapt: betas of the HF Trainer's AdamW (their configs/ds_configs/stage2.config holds no optimiser).
+# - pp: lr 0.3, weight decay 1e-5 and transformers' AdamW betas (arazd/ProgressivePrompts' T5 README and
+#   t5_continual.py `get_optimizer`); 20 prompt vectors per task (TRACE's training/main.py `prefix_len`).
+METHOD_DEFAULTS = {
+    "olora": dict(lr=1e-3, betas=(0.9, 0.999)),
+    "sapt": dict(betas=(0.9, 0.999)),
+    "pp": dict(lr=0.3, betas=(0.9, 0.999), weight_decay=1e-5, prompt_tokens=20),
+}
+
 # The settings each reading of the method uses, beyond what ContinualConfig's defaults already hold. The paper
 # (Sec. 4.1): batch 128, lr 1e-5, λ1 0.5, λ2 1e3 at 1% replay and 1e2 at 10%, B_H 128, B_L 24 (8 for 13B
 # models or 10% replay), B_T 100. The authors' script (reference notes §1-§8): the same optimiser and batch,
@@ -261,8 +307,8 @@ def preset(name: str, replay_ratio: float, n_layers: int) -> dict:
 
 def resolve(*layers: dict) -> ContinualConfig:
     """ContinualConfig from its defaults overridden by each layer in turn (later wins): for a run of train.py the
-    order's epochs, then the preset, then the flags typed on the command line; for the demo its own settings,
-    then the typed flags."""
+    method's authors' defaults (`METHOD_DEFAULTS`), the order's epochs, the preset, then the flags typed on the
+    command line; for the demo the method's authors' defaults, its own settings, then the typed flags."""
     merged = {}
     for layer in layers:
         merged.update(layer)
@@ -277,7 +323,9 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         choices = f.metadata.get("choices")
         if "default" not in help:
             help += f" (default: {','.join(map(str, default)) if isinstance(default, (list, tuple)) else default!r})"
-        if isinstance(default, (list, tuple)):
+        if f.metadata.get("per_task"):
+            parser.add_argument(flag, default=default, help=help, metavar="A,B,...", type=_numbers)
+        elif isinstance(default, (list, tuple)):
             kind = type(default[0]) if default else int
             parser.add_argument(flag, default=default, help=help, metavar="A,B,...",
                                 type=lambda s, kind=kind: [kind(x) for x in s.split(",")])
@@ -286,6 +334,10 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         else:
             parser.add_argument(flag, default=default, type=type(default), help=help,
                                 choices=[c for c in choices if c] if choices else None)
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
 
 
 def _boolean(text: str) -> bool:

@@ -13,8 +13,8 @@ between tasks:
     olora   the model frozen, a new LoRA per task orthogonal to the earlier ones' (minseekr/olora.py)
     pp      the model frozen, a new soft prompt per task read before the earlier ones' (minseekr/pp.py)
     l2p     the model frozen, a pool of prompts with keys, the nearest to each input read before it (l2p.py)
-    lfpt5   the model frozen, one prompt that also learns to write the task's inputs; it replays samples the
-            model writes of earlier tasks, as DER++ replays real ones (lfpt5.py)
+    lfpt5   the model frozen, one prompt that also learns to write the task's samples; it replays samples the
+            model writes of earlier tasks, distilling their stored logits with LFPT5's weights (lfpt5.py)
     sapt    the model frozen, a LoRA per task mixed per input by an attention over tasks, which pseudo-inputs
             of earlier tasks keep in place (sapt.py)
 
@@ -101,6 +101,10 @@ class ContinualTrainer:
         if len(cfg.epochs) not in (1, len(tasks)):
             raise InputError(f"--epochs needs one value or one per task ({len(tasks)}), got {len(cfg.epochs)}: "
                              f"{','.join(map(str, cfg.epochs))}")
+        if isinstance(cfg.lr, list) and (self.method.joint or len(cfg.lr) != len(tasks)):
+            wanted = "one value (it trains every task at once)" if self.method.joint else \
+                f"one value or one per task ({len(tasks)})"
+            raise InputError(f"--lr needs {wanted}, got {len(cfg.lr)}: {','.join(map(str, cfg.lr))}")
         if self.method.replays:
             for s, task in enumerate(tasks[:-1]):   # the last task's R_k is never replayed
                 if self.replay_size(s) == 0:
@@ -155,13 +159,13 @@ class ContinualTrainer:
         for name, term in (self.pet.batch_loss() if self.pet else {}).items():   # L2P's pull of the chosen keys
             loss = loss + term / counts["samples"]
             sums[name] = (term, counts["samples"])
+        if self.method.learns_inputs:   # LFPT5 (lfpt5.py): (1 − kd)·(CE + λ_gen·LM) on new and replayed batches
+            written = batch["attention_mask"].bool()   # the LM: every token after the first, prompt and answer
+            lm = token_losses(logits, batch["input_ids"].masked_fill(~written, -100)).sum()
+            loss = (1 - cfg.lfpt5_kd) * (loss + cfg.lfpt5_gen_weight * lm / counts["lm"])
+            sums["lm"] = (lm, counts["lm"])
         if memory is None:
             sums["task_ce"] = (ce, n_tokens)
-            if self.method.learns_inputs:   # LFPT5: the prompt also learns to write the task's inputs
-                writing = batch["attention_mask"].bool() & (batch["labels"] == -100)
-                lm = token_losses(logits, batch["input_ids"].masked_fill(~writing, -100)).sum()
-                loss = loss + cfg.lfpt5_gen_weight * lm / counts["inputs"]
-                sums["input_lm"] = (lm, counts["inputs"])
             if self.teacher is not None:
                 with torch.no_grad():
                     old = self.teacher.model(batch["input_ids"], batch["attention_mask"])[:, :-1][predicting]
@@ -173,7 +177,10 @@ class ContinualTrainer:
             if self.method.distils_logits:
                 distil = logit_kl if cfg.logit_loss == "kl" else logit_mse
                 ld = distil(logits[:, :-1][predicting], batch).sum()
-                loss = cfg.lambda1 * loss + (1 - cfg.lambda1) * ld / n_tokens
+                if self.method.learns_inputs:   # LFPT5's + kd·KD: the KL summed over the vocabulary, per answer token
+                    loss = loss + cfg.lfpt5_kd * ld / n_tokens
+                else:
+                    loss = cfg.lambda1 * loss + (1 - cfg.lambda1) * ld / n_tokens
                 sums[f"logit_{cfg.logit_loss}"] = (ld, n_tokens)
             if probe is not None:
                 ad, n_ad = self.attention_loss(probe, counts, len(self.distilled_heads(memory)))
@@ -237,7 +244,7 @@ class ContinualTrainer:
         if bad := {key: v for key, v in terms.items() if not math.isfinite(v)}:
             raise NonFiniteError(f"optimiser step {self.optim.step + 1}: {', '.join(f'{k} is {v}' for k, v in bad.items())}"
                                  f"; the step was not applied and nothing was saved (a lower --lr?)")
-        self.optim.optimizer_step(self.cfg.lr)
+        self.optim.optimizer_step(self.cfg.lr_for(self.stages[s][0]))   # the stage's own rate
         self.optim.zero_grad()
         return terms
 
@@ -256,8 +263,7 @@ class ContinualTrainer:
         cfg, ks = self.cfg, self.stages[s]
         train = [x for k in ks for x in encode(self.tok, self.tasks[k].train, cfg.max_len)]
         tokens = [n_labels(x["labels"]) for x in train]
-        # LFPT5's input-writing terms per sample: its prompt tokens after the first
-        inputs = [int((x["labels"][1:] == -100).sum()) for x in train] if self.method.learns_inputs else None
+        lengths = [x["input_ids"].numel() for x in train]
         replay = self.draw_replay(s, train)
         scoring = self.score_batches(replay)       # R_k's batches, for θ_{k−1}'s snapshot and θ_k's scores
         if self.pet:                               # task k's own parameters and a fresh AdamW for them
@@ -289,7 +295,8 @@ class ContinualTrainer:
                 samples = [train[x] if memory is None else memory[x] for x in part]
                 counts = {"tokens": sum((tokens if memory is None else self.memory_tokens[source])[x] for x in idx),
                           "samples": len(idx),
-                          "inputs": sum(inputs[x] for x in idx) if inputs and memory is None else 0,
+                          # LFPT5's LM terms: every token after a sample's first
+                          "lm": sum((lengths if memory is None else memory.manifest["lengths"])[x] - 1 for x in idx),
                           "rows": 0 if memory is None else sum(self.memory_rows[source][x] for x in idx)}
                 first = step - step % cfg.grad_accum
                 terms = self.micro_step(samples, weight, counts, memory, n_micro=min(cfg.grad_accum, total - first))
@@ -513,13 +520,18 @@ class ContinualTrainer:
     def remember(self, s, path):
         """What a method keeps of task s from the model just trained on it (θ_k, exported at `path`) rather than
         from the task's data: LFPT5's R_k, samples θ_k writes, stored with θ_k's logits; SAPT's w̄_k on held-out
-        inputs and its pseudo-inputs (SAPT's released ones, or written by θ_k). Every rank writes the same samples
-        (seeded)."""
+        inputs and its pseudo-inputs (SAPT's released ones where `--pseudo-inputs` finds them, else written by θ_k),
+        each pooled with EOS after it as SAPT's ARM reads them. Every rank writes the same samples (seeded)."""
         cfg, task = self.cfg, self.tasks[s]
         if not (self.method.pseudo_replay or self.method.reflects):
             return
         prompts = [r["prompt"] for r in task.train]
-        if self.method.pseudo_replay or cfg.pseudo_inputs == "self":
+        inputs = None if self.method.pseudo_replay else \
+            pseudo.released(cfg.pseudo_inputs, task.name, prompts, (self.spec or {}).get("data"))
+        if inputs is None:
+            if cfg.pseudo_inputs == "auto" and not self.method.pseudo_replay and self.rank == 0:
+                tqdm.write(f"note: task {s} ({task.name}): no released pseudo-inputs for it in {pseudo.RELEASED}/ "
+                           f"beside --data, so θ_{s + 1} writes them (as --pseudo-inputs self)", file=sys.stderr)
             model = self.exported_model(path)
             longest = max(len(self.tok.encode(r["prompt"] + r["answer"])) for r in task.train)
             wanted = max(1, round(cfg.replay_ratio * len(prompts)))
@@ -530,13 +542,14 @@ class ContinualTrainer:
                 frame = "an input, their shared ending, an answer" if self.method.pseudo_replay else "an input"
                 tqdm.write(f"warning: task {s} ({task.name}): θ_{s + 1} wrote {len(samples)} of {wanted} pseudo-"
                            f"samples in the frame of its prompts ({frame}); only those are kept", file=sys.stderr)
-        if self.method.pseudo_replay:
-            self.write_buffer(s, self.score_batches(self.with_rows(s, encode(self.tok, samples, cfg.max_len))))
-            return
+            if self.method.pseudo_replay:
+                self.write_buffer(s, self.score_batches(self.with_rows(s, encode(self.tok, samples, cfg.max_len))))
+                return
+            inputs = [r["prompt"] for r in samples]
         held_out = [r["prompt"] for r in task.eval or task.train]   # never the test split
-        inputs = [r["prompt"] for r in samples] if cfg.pseudo_inputs == "self" else \
-            pseudo.released(cfg.pseudo_inputs, task.name, prompts)
-        self.pet.end_task(s, self.prompt_embeddings(held_out), self.prompt_embeddings(inputs))
+        eos = self.embedding_rows(torch.tensor([self.tok.eos_id]))   # SAPT's ARM pools input + EOS (sapt.py)
+        pseudo_rows = (torch.cat([x, eos.to(x)]) for x in self.prompt_embeddings(inputs))
+        self.pet.end_task(s, self.prompt_embeddings(held_out), pseudo_rows)
         if self.rank == 0:   # the checkpoint's method file, with what it now keeps of task s
             self.pet.save(Path(path) / pet.FILE)
 

@@ -1,4 +1,5 @@
-"""Batched autoregressive generation: greedy (what TRACE evaluates) or temperature + nucleus sampling.
+"""Batched autoregressive generation: greedy (what TRACE evaluates) or sampling (temperature, top-k, nucleus, and a
+repetition penalty on the tokens generated so far).
 
 Prompts of different lengths are left-padded into one (B, P) block so that every sequence's next
 token sits in the last column; the attention mask marks real tokens, and the model derives each
@@ -16,10 +17,20 @@ import torch
 from minseekr.model import KVCache
 
 
-def next_token(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None):
-    """The next token (B,) from last-position logits (B, V): argmax, or a sample from the top-p nucleus."""
+def next_token(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None, top_k: int = 0,
+               repetition_penalty: float = 1.0, seen=None):
+    """The next token (B,) from last-position logits (B, V): argmax, or a sample from the top-k tokens' top-p
+    nucleus. With `seen` (B, V) bool, the tokens already generated, a repetition penalty first divides their
+    logits by `repetition_penalty` (multiplies the negative ones: lower either way), once per token, as HF's
+    `repetition_penalty` does."""
+    if repetition_penalty != 1.0 and seen is not None:
+        logits = logits.float()
+        logits = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty),
+                             logits)
     if temperature == 0.0:
         return logits.argmax(-1)
+    if 0 < top_k < logits.shape[-1]:   # ties with the k-th logit stay
+        logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # Keep the smallest prefix of the sorted tokens whose mass reaches top_p: a token stays if the
@@ -32,17 +43,21 @@ def next_token(logits, temperature: float = 0.0, top_p: float = 1.0, generator=N
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int | None = None,
-             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
-             generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[int]]:
-    """The new tokens of each prompt, up to and including its first EOS, at most max_new_tokens; `prefix`
-    (B, n, dim): soft prompts before each prompt (and its padding), fed once (or every step without the cache);
-    by default those an attached prompt method chooses (`model.soft_prompts(embeddings, mask)`)."""
+             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             repetition_penalty: float = 1.0, use_cache: bool = True, generator: torch.Generator | None = None,
+             prefix: torch.Tensor | None = None) -> list[list[int]]:
+    """The new tokens of each prompt, up to and including its first EOS, at most max_new_tokens (`next_token`
+    picks each; the repetition penalty covers the tokens generated, not the prompt); `prefix` (B, n, dim): soft
+    prompts before each prompt (and its padding), fed once (or every step without the cache); by default those an
+    attached prompt method chooses (`model.soft_prompts(embeddings, mask)`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0 or not 0 <= top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    if temperature < 0 or not 0 <= top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+        raise ValueError(f"need temperature >= 0, 0 <= top_p <= 1, top_k >= 0 and repetition_penalty > 0, got "
+                         f"temperature={temperature}, top_p={top_p}, top_k={top_k}, "
+                         f"repetition_penalty={repetition_penalty}")
     weight = model.model.embed_tokens.weight
     B, P = len(prompts), max(len(p) for p in prompts)      # P: the longest prompt
     chooser = getattr(model, "soft_prompts", None)   # a method attached (pp.py, l2p.py, lfpt5.py, sapt.py)
@@ -62,6 +77,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
         n = 0 if prefix is None else prefix.shape[1]
         mask = torch.cat([mask.new_ones(B, n), mask], 1)
     done = torch.zeros(B, dtype=torch.bool, device=weight.device)
+    seen = torch.zeros(B, model.args.vocab_size, dtype=torch.bool, device=weight.device) \
+        if repetition_penalty != 1.0 else None   # the tokens each sequence has generated
     cache = KVCache(model.args, B, n + total, dtype=weight.dtype, device=weight.device) if use_cache else None
     was_training = model.training
     model.eval()
@@ -70,8 +87,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
             end = P
             logits = model(tokens[:, :P], mask[:, :n + P], cache=cache, prefix=prefix)[:, -1]
             for _ in range(max_new_tokens):
-                new = next_token(logits, temperature, top_p, generator)
+                new = next_token(logits, temperature, top_p, generator, top_k, repetition_penalty, seen)
                 tokens[:, end] = torch.where(done, pad_id, new)
+                if seen is not None:
+                    seen[torch.arange(B, device=weight.device), new] = True
                 mask[:, n + end] = (~done).long()
                 if eos_id is not None:
                     done |= new == eos_id

@@ -7,10 +7,25 @@ before the input (most similar first), and the keys are pulled towards the queri
 
     L = CE − λ · Σ_{chosen i} cos(q(x), k_i)      (summed over the chosen keys, averaged over the batch)
 
-Defaults: M = 10, L = 5 (the L2P paper); N = 3, λ = 0.5, the mean-embedding query, prompts starting as token
-embeddings ÷ 100 and keys as their prompts' means (TRACE's `L2P.py`, the LLM adaptation SEEKR compares with).
-Unlike TRACE's copy, the keys train (there they are computed once and never updated) and evaluation reads the
-chosen prompts (there inference calls the bare model).
+This follows TRACE's LLM adaptation, the one SEEKR compares with (BeyonderXX/TRACE `model/Dynamic_network/L2P.py`
+@4bcc56e, class `L2P` and `convert_L2P_model`): N = 3 and λ = 0.5 (`top_k=3`, `pull_constraint_coeff=0.5`), the
+mean of the token embeddings as the query (`embedding_key='mean'`), the prompts starting as the embeddings of
+random tokens of the whole vocabulary, unscaled (`prompt_weight.append(w)`; the older L2P.py @0712fff divides
+them by 100), and the keys as their prompts' means. M = 10 and L = 5 are TRACE's `training/main.py` (@0712fff:
+`pool_size`, `prompt_length`). The tokens are drawn from the run's seed (the same on every rank).
+
+Where this differs from TRACE's, with theirs:
+- The query pools the prompt's tokens alone, in training as at generation. TRACE pools, without a mask, every
+  position of `input_ids`: in training BOS + prompt + answer + EOS + left padding (its collator tokenises the
+  instruction with its label), at its `evaluate_one_task` the prompt + padding. Pooling the answer in training
+  would choose prompts from what generation cannot see, and padding would make the choice depend on the batch.
+- The keys train (TRACE's `prompt_key` is computed once in `__init__`, a plain tensor never updated).
+- Evaluation reads the chosen prompts; TRACE's inference (`inference/infer_single.py` @54e49e2) calls the bare
+  model, and its `evaluate_one_task`, which prepends them, is never called.
+- TRACE's optimiser is DeepSpeed's FusedAdam with betas (0.9, 0.95) (`training/main.py`), the library's; its one
+  continual script (`scripts/train_seq_cl.sh`, 0a09a39, run with EWC; none for L2P was found) uses lr 1e-5, the
+  library's, with a cosine schedule (here constant) and 2 per GPU × 8 accumulation steps × 8 GPUs (here
+  `--batch-size`).
 """
 import torch
 import torch.nn as nn
@@ -43,7 +58,7 @@ class L2P(PETMethod):
                 torch.manual_seed(self.seed * 1000)
                 ids = torch.randint(0, self.args.vocab_size, (self.pool * self.length,))
             with torch.no_grad():
-                start = embedding_rows(ids).float().view(self.pool, self.length, -1) / 100
+                start = embedding_rows(ids).float().view(self.pool, self.length, -1)   # unscaled, as @4bcc56e
                 self.prompts.copy_(start.to(self.prompts.device))
                 self.keys.copy_(start.mean(1).to(self.keys.device))
         self.tasks = max(self.tasks, k + 1)

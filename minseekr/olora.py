@@ -5,10 +5,35 @@ once (their updates add). The new one is pushed out of the earlier ones' subspac
 
     L = CE + λ1 · Σ_{old t} Σ_{layer, projection} Σ |A_t A_kᵀ|  +  λ2 · Σ_{new parameters} ‖p‖₂
 
-The penalty is the authors' (`uie_trainer_lora.py`): the entries' absolute values of A_t A_kᵀ (r × r) summed,
-and an L2 norm (not squared) of each new tensor. Defaults are their LLaMA scripts': q_proj and v_proj, r = 8,
-α = 32, dropout 0.1, lr 1e-3, λ1 = 0.5, λ2 = 0. With one set of weights for every sample the LoRAs fold exactly
-into W (`LoRABank.merged`).
+This follows the authors' code (cmnfriend/O-LoRA): the penalty of `src/uie_trainer_lora.py`
+`UIETrainer.training_step`, the entries' absolute values of A_t A_kᵀ (r × r) summed and an L2 norm (not squared)
+of each new tensor; the LoRA of `src/peft/tuners/lora.py` (@2a2e620) `Linear.forward`, where the stacked earlier
+LoRAs and the new one read the same dropped-out input (one dropout mask per projection and forward, `LoRABank`),
+each scaled by α/r, a new A kaiming-uniform and B zero; the LLaMA branch of `src/run_uie_lora.py`: r = 8, α = 32,
+dropout 0.1, on q_proj and v_proj (PEFT's default targets for LLaMA); and `scripts_llama/order_*.sh`: λ1 = 0.5,
+λ2 = 0, a constant rate without warmup, one epoch per task, the HF Trainer's AdamW (their DeepSpeed configs leave
+its settings "auto": betas (0.9, 0.999), eps 1e-8, weight decay 0, clip 1.0; here the betas through
+`config.METHOD_DEFAULTS`, the rest the library's). With one set of weights for every sample the LoRAs fold
+exactly into W (`LoRABank.merged`).
+
+Their learning rate and batch, in the two stored versions of `scripts_llama/order_{1,2,3}.sh`:
+- @a59baaa: `--learning_rate 1e-03` for every task of all three orders; 4 per GPU × 1 accumulation step × 8 GPUs
+  (32); `configs/ds_configs/stage2.config` (ZeRO-2).
+- @ff73694: `--learning_rate 1e-03` for the first task and `1e-04` for the three later ones, in all three orders;
+  1 per GPU × 8 accumulation steps × 8 GPUs (64); `configs/ds_configs/stage2_llama.config` (ZeRO-2, the optimiser
+  offloaded to the CPU). Its scripts' header comments run them as the README's LLaMA commands do (@d8315ce:
+  `scripts_llama/...> logs_and_outputs_llama/...`), but the index does not say which commit came later.
+olora's default here is 1e-3 for every task (a59baaa's, and the first task's in both); `--lr 1e-3,1e-4,1e-4,1e-4`
+gives ff73694's.
+
+Where this differs from theirs, with their values:
+- The batch is the run's `--batch-size` (16 by default): theirs is 32 (a59baaa) or 64 (ff73694).
+- The epochs are the order's (`--epochs`): theirs 1 per task.
+- The penalty is added once per optimiser step; theirs at every micro-step (`training_step`), the same with
+  a59baaa's one accumulation step (ff73694's eight not checked).
+- Each task's A is drawn from the run's seed and the task (the same on every rank); their code stacks the earlier
+  tasks' A into one matrix (`src/peft/utils/save_and_load.py`, `torch.cat(..., dim=0)`), which is the same sum.
+- One process or ranks of a sharded engine, in fp32 or bf16 (`--dtype`); theirs DeepSpeed ZeRO-2 on 8 GPUs.
 """
 import torch
 

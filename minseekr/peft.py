@@ -6,7 +6,9 @@ module and their own file, and act through forward hooks on the projections: the
 and an engine's shards stay the base model's, which is never touched. Several LoRAs can act at once (O-LoRA keeps
 every earlier task's, SAPT mixes one per task): a sample's update is Σ_t w_t·(α/r)·B_t A_t x, with the weights w
 (batch × LoRAs) set per batch (`LoRABank.weights`) or all ones. With weights shared by every sample the update
-is exactly a change of W, which `merged` writes out.
+is exactly a change of W, which `merged` writes out. LoRA dropout, while the model trains, drops the projection's
+input once per forward, and every LoRA of the bank (at that rate) reads the same dropped input, as O-LoRA's
+`src/peft/tuners/lora.py` `Linear.forward` does for its stacked earlier LoRAs and the new one.
 
 Soft prompts (Lester et al., 2021) are vectors placed before the token embeddings: `model(..., prefix=P)` and
 `generate(..., prefix=P)` take them, with positions, padding masks and the KV cache right for the prefixed
@@ -57,10 +59,8 @@ class LoRA(nn.Module):
                 self.B[key] = nn.Parameter(torch.zeros(out_features, rank))
                 nn.init.kaiming_uniform_(self.A[key], a=math.sqrt(5))   # as nn.Linear (and PEFT) initialise A
 
-    def delta(self, key: str, x, training: bool = False):
-        """(α/r)·B A x for the projection `key` ("{layer}_{target}"); dropout on x while `training` (the model's
-        mode, so that evaluation never drops)."""
-        x = F.dropout(x, self.dropout, training) if self.dropout else x
+    def delta(self, key: str, x):
+        """(α/r)·B A x for the projection `key` ("{layer}_{target}"); x already dropped out (`LoRABank`)."""
         return (x @ self.A[key].t().to(x.dtype)) @ self.B[key].t().to(x.dtype) * self.scale
 
 
@@ -95,10 +95,14 @@ class LoRABank(nn.Module):
         self.handles = []
 
     def _update(self, key, module, inputs, out):
-        x = inputs[0]
+        """The projection's output plus every LoRA's update; while the model trains (never at evaluation) one
+        dropout mask per rate on its input, shared by the LoRAs at that rate."""
+        x, dropped = inputs[0], {}
         for t, lora in enumerate(self.loras):
             if key in lora.A:
-                delta = lora.delta(key, x, module.training)
+                if lora.dropout and module.training and lora.dropout not in dropped:
+                    dropped[lora.dropout] = F.dropout(x, lora.dropout, True)
+                delta = lora.delta(key, dropped.get(lora.dropout, x))
                 if self.weights is not None:
                     delta = delta * self.weights[:, t, None, None].to(delta.dtype)
                 out = out + delta

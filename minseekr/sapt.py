@@ -16,17 +16,32 @@ later task s trains, pseudo-inputs of each earlier task j pass through the selec
 
     L_ARM = λ_ARM · Σ_{j<s} mean_x KL( [w̄_j ; 0] ‖ w(x) )          (w̄_j padded with zeros for tasks after j)
 
-pulls their weights back (only f and the current key feel it).
+pulls their weights back (only f and the current key feel it). A pseudo-input's query is its prompt tokens
+followed by EOS, as theirs (`LlamaForCausalLM.memory_replay` pools `input_ids`, the input with its empty label and
+EOS), while routing, and so w̄_j, pools the prompt alone (their `input_ids_wo_label`).
 
-Defaults and sources (the authors' `src/llama_prompt.py`, `src/cl_trainer.py`, `gen_script_superni_llama.py`):
-r = 4, α = 32, dropout 0, hidden width 100, keys uniform in [−1, 1], λ_ARM = 1 (their `--kl_ratio`). Where this
-differs, and why:
-- padding does not enter the max-pool (theirs pools left padding, whose pad id is BOS);
-- w̄_j is measured on the task's eval split, or on its training prompts where it has none: theirs uses the dev
-  split, which in their SuperNI data is the test split;
-- ARM is one term per optimiser step over every stored pseudo-input of every earlier task; theirs draws a batch of
-  2 per earlier task at every micro-batch after the first optimiser step.
-Pseudo-inputs are SAPT's released ones (`--pseudo-inputs DIR`) or written by the model itself (`pseudo.py`).
+Pseudo-inputs (`--pseudo-inputs`, `pseudo.released`): SAPT's are written by a generator trained apart from the
+continual learner and released with their code; by default (`auto`) the project's copy is read from
+`sapt-pseudo/<task>/pseudo.json` beside the `--data` folder. For a task it lacks, or with `self`, θ_j writes
+them after task j (`pseudo.generate_samples`, `--replay-ratio` of the task): not SAPT's way.
+
+The authors' code followed: `src/llama_prompt.py` (`LlamaModel.forward`, `cal_attention`,
+`LlamaForCausalLM.memory_replay`), `src/cl_trainer.py` (`training_step`), `src/cl_collator.py` (`decoder_call`),
+`src/run_llama.py` and `gen_script_superni_llama.py`: r = 4, α = 32, dropout 0, hidden width 100, keys uniform in
+[−1, 1], λ_ARM = 1 (their script's `--kl_ratio`; run_llama.py's default is 0.5). Where this differs (their value;
+why):
+- Padding does not enter the max-pool (theirs pools left padding, whose pad id is BOS's): a query should not
+  depend on the batch it is in.
+- w̄_j is the mean over the held-out inputs of their weight vectors: the task's eval split, or its training prompts
+  where it has none (theirs: during `trainer.predict` on the dev split, each forward appends its batch's mean
+  vector, one per generation step, and the saved vector is the mean of those, so a batch weighs by how many steps
+  it generated, and with several GPUs only rank 0's share is kept): a per-input mean does not depend on the batch
+  size, the ranks or the lengths generated.
+- ARM is one term per optimiser step over every stored pseudo-input of every earlier task (theirs: a batch of 2
+  per earlier task at every micro-batch after the first optimiser step).
+- Training: `--lr`, `--epochs`, `--batch-size`, `--betas`, the last LoRAs kept (theirs: lr 5e-5, constant, for 50
+  epochs; batch 32 (2 per device × 4 accumulation steps × 4 GPUs); HF's AdamW with betas (0.9, 0.999), eps 1e-8,
+  weight decay 0 and clip 1.0; `--load_best_model_at_end` with the dev ROUGE-L evaluated every 5 epochs).
 """
 import math
 

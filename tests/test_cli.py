@@ -85,3 +85,36 @@ def test_settings_resolve_defaults_then_order_then_preset_then_typed(setup, tmp_
     assert config["grad_accum"] == 8 and config["importance"] == "paper"       # the preset
     assert config["batch_size"] == 8 and config["lr"] == 1e-3 and config["epochs"] == [1]   # typed
     assert config["ad_norm"] == "mean"                                          # the library default
+
+
+def test_a_methods_authors_defaults_come_after_the_librarys_and_before_the_preset_and_typed_flags(setup, tmp_path,
+                                                                                                  monkeypatch):
+    import train as train_cli
+
+    class Resolved(Exception):
+        pass
+
+    def trainer(engine, tok, tasks, cfg, *args, **kwargs):   # stops train.py once its settings are resolved
+        raise Resolved(cfg)
+
+    monkeypatch.setattr(train_cli, "ContinualTrainer", trainer)
+
+    def resolved(*extra):
+        model_dir, data = setup
+        with pytest.raises(Resolved) as stop:
+            train_cli.main(["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--out",
+                            str(tmp_path / "run"), "--max-len", "32", "--max-new-tokens", "8", "--threads", "1",
+                            "--device", "cpu", *extra])
+        return stop.value.args[0]
+
+    library = resolved("--method", "seekr")
+    assert (library.lr, library.betas, library.weight_decay, library.prompt_tokens) == (1e-5, (0.9, 0.95), 0.0, 10)
+    olora = resolved("--method", "olora")                                   # O-LoRA's scripts, HF's AdamW
+    assert (olora.lr, olora.betas, olora.weight_decay) == (1e-3, (0.9, 0.999), 0.0)
+    pp = resolved("--method", "pp")                                         # arazd's optimiser, TRACE's 20 vectors
+    assert (pp.lr, pp.betas, pp.weight_decay, pp.prompt_tokens, pp.prompt_bottleneck) == \
+        (0.3, (0.9, 0.999), 1e-5, 20, 0)
+    assert resolved("--method", "sapt").betas == (0.9, 0.999) and resolved("--method", "lfpt5").betas == (0.9, 0.95)
+    assert resolved("--method", "olora", "--preset", "official").betas == (0.9, 0.95)   # the preset comes after
+    typed = resolved("--method", "pp", "--lr", "0.1,0.2", "--betas", "0.8,0.9", "--prompt-tokens", "4")
+    assert (typed.lr, typed.betas, typed.prompt_tokens, typed.weight_decay) == ([0.1, 0.2], (0.8, 0.9), 4, 1e-5)

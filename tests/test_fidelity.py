@@ -1,6 +1,7 @@
 """The paper's equations by default, each official-code choice one option away, each checked independently."""
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import shared_path
 from minseekr.buffer import TaskMemory
-from minseekr.config import ContinualConfig, preset, resolve
+from minseekr.config import ContinualConfig, preset, read_settings, resolve
 from minseekr.continual import ContinualTrainer
 from minseekr.data import Task
 from minseekr.kl import AttentionKL, attention_rows, logit_mse, query_rows
@@ -68,6 +69,25 @@ def test_every_optimiser_step_logs_its_gradient_norm_before_clipping(tok, tmp_pa
     # 2 epochs × 5 micro-batches = 10 micro-steps: 5 optimiser steps of 2 micro-steps each, across the epoch boundary
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5] and [s["epoch"] for s in steps] == [0, 0, 1, 1, 1]
     assert all(s["grad_norm"] > 0 for s in steps)
+
+
+def test_each_task_trains_at_its_own_learning_rate_and_one_rate_reads_as_before(tok, tmp_path):
+    tasks = [Task(t, make_records(t, 16, 0), [], make_records(t, 2, 1)) for t in ("rev", "rot")]
+    trainer = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg(lr=[1e-3, 3e-4]), tmp_path / "two")
+    used, step = [], trainer.engine.optimizer_step
+    trainer.engine.optimizer_step = lambda lr: (used.append(lr), step(lr))
+    for s in range(2):
+        trainer.train_task(s)
+    assert used == [1e-3, 1e-3, 3e-4, 3e-4]                  # 16 samples / batch 8: two steps per task
+    with pytest.raises(ValueError, match=r"--lr needs one value or one per task \(2\), got 3: "):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg(lr=[1e-3] * 3), tmp_path / "three")
+    with pytest.raises(ValueError, match=r"--lr needs one value \(it trains every task at once\)"):
+        ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg("mtl", lr=[1e-3, 3e-4]), tmp_path / "mtl")
+    # One value, typed or from a run's config.json of before, stays a number: its config and fingerprint unchanged.
+    (tmp_path / "config.json").write_text(json.dumps({**asdict(ContinualConfig()), "lr": 1e-05}))
+    old = read_settings(tmp_path / "config.json", ContinualConfig)
+    assert old.lr == 1e-05 and old.lr_for(3) == 1e-05 and '"lr": 1e-05,' in json.dumps(asdict(old))
+    assert ContinualConfig(lr=[2e-4]).lr == 2e-4 and resolve({"lr": 1}).lr == 1.0
 
 
 # --- query rows and the attention loss's normalisation --------------------------------------------------------

@@ -1,5 +1,6 @@
-"""L2P (#13): the N prompts nearest to the query by cosine are read first-nearest, the pull term's gradient is
-autograd's of the naive formula, and the keys train (what every PET run owes, tests/test_pet_runs.py)."""
+"""L2P (#13): the pool starts as unscaled token embeddings, the N prompts nearest to the query by cosine are read
+first-nearest, the pull term's gradient is autograd's of the naive formula, and the keys train (what every PET
+run owes, tests/test_pet_runs.py)."""
 
 import pytest
 import torch
@@ -56,6 +57,19 @@ def test_the_pull_term_and_its_gradient_are_the_naive_formula():
     torch.testing.assert_close(term, want)
     torch.testing.assert_close(method.keys.grad, keys.grad)
     assert method.batch_loss() == {}                      # taken once per forward
+
+
+def test_the_pool_starts_as_unscaled_token_embeddings_and_the_keys_as_their_means():
+    torch.manual_seed(0)
+    table = torch.randn(ARGS.vocab_size, ARGS.dim)
+    method = L2P(ARGS, pool=6, length=2, top_k=3, pull=0.5, seed=7)
+    method.begin_task(0, lambda ids: table[ids])
+    torch.manual_seed(7 * 1000)
+    want = table[torch.randint(0, ARGS.vocab_size, (6 * 2,))].view(6, 2, ARGS.dim)   # TRACE's L2P.py @4bcc56e: w
+    torch.testing.assert_close(method.prompts.detach(), want, rtol=0, atol=0)
+    torch.testing.assert_close(method.keys.detach(), want.mean(1), rtol=0, atol=0)
+    method.begin_task(1, lambda ids: table[ids] * 0)                                   # started once, not again
+    torch.testing.assert_close(method.prompts.detach(), want, rtol=0, atol=0)
 
 
 @pytest.fixture

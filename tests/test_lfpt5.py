@@ -1,7 +1,8 @@
-"""LFPT5 (#13): the prompt also learns to write the task's inputs (the LM loss on the prompt tokens, as written
-out here), a finished task's buffer holds samples θ_k wrote in the task's frame (never a real one) with θ_k's
-logits under its prompt, and a generated continuation counts only when it has an input and an answer (what every
-PET run owes, tests/test_pet_runs.py)."""
+"""LFPT5 (#13): the loss is the authors' (1 − kd)·(CE + λ_gen·LM) + kd·KD, as written out here token by token,
+the LM covering the prompt and the answer; a finished task's buffer holds samples θ_k wrote in the task's frame
+(never a real one) with θ_k's logits under its prompt; a generated continuation counts only when it has an input
+and an answer, and is sampled as theirs (top-k, repetition penalty: checked against a naive loop here); what
+every PET run owes is in tests/test_pet_runs.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from minseekr.checkpoint import load_hf
 from minseekr.config import ContinualConfig
 from minseekr.continual import ContinualTrainer
 from minseekr.data import Task
+from minseekr.generate import generate, next_token
 from minseekr.pet import attach_saved
 from minseekr.synthetic import make_records, train_tokenizer
 from minseekr.tokenizer import Tokenizer
@@ -26,33 +28,70 @@ def tok(tmp_path_factory):
     return Tokenizer(str(path))
 
 
-def test_the_input_writing_loss_is_the_lm_loss_on_the_prompt_tokens(tok, tmp_path):
+def lfpt5_step(tok, tmp_path, replayed: bool, kd: float, gen_weight: float):
+    """One micro-step of LFPT5 on 4 training samples (a replayed batch, with random stored teacher logits, when
+    `replayed`): the samples, the prompt, the logged terms and the prompt's gradient."""
     tasks = [Task("rev", make_records("rev", 8, 0), [], make_records("rev", 2, 1))]
     cfg = ContinualConfig(method="lfpt5", lr=1e-2, batch_size=4, epochs=[1], max_len=32, prompt_tokens=3,
-                          lfpt5_gen_weight=0.25)
+                          lfpt5_gen_weight=gen_weight, lfpt5_kd=kd)
     trainer = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path)
     trainer.pet.begin_task(0, trainer.embedding_rows)
-    records = tasks[0].train[:4]
     samples = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-               for ids, labels in (tok.encode_example(r["prompt"], r["answer"], 32) for r in records)]
-    inputs = sum(int((s["labels"][1:] == -100).sum()) for s in samples)
+               for ids, labels in (tok.encode_example(r["prompt"], r["answer"], 32) for r in tasks[0].train[:4])]
     answers = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
-    terms = trainer.micro_step(samples, 1.0, {"tokens": answers, "samples": 4, "rows": 0, "inputs": inputs})
-    # Naively, sample by sample: the prompt's 3 vectors, then the tokens; every prompt token after BOS is a target.
-    model, prompt = tiny_model(tok.vocab_size), trainer.pet.prompt.detach()   # the engine's weights, whole
-    lm = ce = 0.0
+    generator = torch.Generator().manual_seed(1)
+    for s in samples if replayed else []:
+        s["logits"] = torch.randn(int((s["labels"][1:] != -100).sum()), tok.vocab_size, generator=generator) * 3
+    lm = sum(s["input_ids"].numel() - 1 for s in samples)   # every token after each sample's first
+    terms = trainer.micro_step(samples, 1.0, {"tokens": answers, "samples": 4, "rows": 0, "lm": lm},
+                               memory="task 0's pseudo-samples" if replayed else None)
+    assert all(not p.requires_grad for p in trainer.model.parameters())   # the model frozen, the prompt trained
+    return samples, trainer.pet.prompt.detach().clone(), terms, trainer.pet.prompt.grad.clone()
+
+
+def naive_lfpt5(tok, samples, prompt, kd: float, gen_weight: float):
+    """LFPT5's loss written out token by token, the prompt's 3 vectors read before each sample:
+    (1 − kd)·(CE + λ_gen·LM) + kd·KD, CE the mean over answer tokens (EOS included), LM the mean over every token
+    after BOS, KD the mean over answer tokens of Σ_v p_v (log p_v − log q_v), p from the stored logits; its terms and
+    the prompt's gradient."""
+    model = tiny_model(tok.vocab_size)   # the engine's weights, whole
+    prompt = prompt.clone().requires_grad_(True)
+    ce = lm = kd_sum = 0.0
+    n_answer = n_lm = 0
     for s in samples:
-        with torch.no_grad():
-            logits = model(s["input_ids"][None], prefix=prompt[None])[0, 3:]
-        is_input = s["labels"] == -100
+        logits = model(s["input_ids"][None], prefix=prompt[None])[0, 3:].float()
+        a = 0
         for p in range(1, len(s["input_ids"])):
-            loss = F.cross_entropy(logits[p - 1].float(), s["input_ids"][p])
-            lm, ce = (lm + float(loss), ce) if is_input[p] else (lm, ce + float(loss))
-    assert terms["input_lm"] == pytest.approx(lm / inputs, rel=1e-5)
-    assert terms["task_ce"] == pytest.approx(ce / answers, rel=1e-5)
-    grad = trainer.pet.prompt.grad
-    assert grad is not None and grad.abs().sum() > 0
-    assert all(not p.requires_grad for p in trainer.model.parameters())
+            loss = F.cross_entropy(logits[p - 1], s["input_ids"][p])
+            lm, n_lm = lm + loss, n_lm + 1
+            if s["labels"][p] != -100:
+                ce, n_answer = ce + loss, n_answer + 1
+                if "logits" in s:
+                    teacher, student = torch.softmax(s["logits"][a].float(), -1), torch.softmax(logits[p - 1], -1)
+                    kd_sum = kd_sum + sum(t * (t.log() - q.log()) for t, q in zip(teacher, student))
+                    a += 1
+    total = (1 - kd) * (ce / n_answer + gen_weight * lm / n_lm) + kd * kd_sum / n_answer
+    grad, = torch.autograd.grad(total, prompt)
+    value = lambda x: float(torch.as_tensor(x).detach())   # noqa: E731
+    return {"ce": value(ce) / n_answer, "lm": value(lm) / n_lm, "kd": value(kd_sum) / n_answer}, grad
+
+
+@pytest.mark.parametrize("replayed", [False, True])
+def test_the_loss_is_lfpt5s_weighted_sum_written_out(tok, tmp_path, replayed):
+    """(1 − kd)·(CE + λ_gen·LM) on a new-task batch, + kd·KD on a replayed one, LM over the prompt and the answer:
+    the logged terms and the prompt's gradient against the formula, token by token, at weights far from 0, 1 and
+    each other (so that dropping, swapping or changing one shows)."""
+    kd, gen_weight = 0.3, 0.7
+    samples, prompt, terms, grad = lfpt5_step(tok, tmp_path, replayed, kd, gen_weight)
+    want, want_grad = naive_lfpt5(tok, samples, prompt, kd, gen_weight)
+    assert terms["replay_ce" if replayed else "task_ce"] == pytest.approx(want["ce"], rel=1e-5)
+    assert terms["lm"] == pytest.approx(want["lm"], rel=1e-5)
+    if replayed:
+        assert want["kd"] > 0.1 and terms["logit_kl"] == pytest.approx(want["kd"], rel=1e-5)
+    else:
+        assert "logit_kl" not in terms
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_a_finished_tasks_buffer_holds_samples_the_model_wrote_with_its_logits(pet_runs):
@@ -73,8 +112,10 @@ def test_a_finished_tasks_buffer_holds_samples_the_model_wrote_with_its_logits(p
             logits = model(s["input_ids"][None], prefix=prefix)[0, prefix.shape[1]:]
         predicting = (s["labels"][1:] != -100).nonzero().squeeze(1)
         torch.testing.assert_close(s["logits"].float(), logits[predicting], rtol=2e-2, atol=2e-2)
-    assert any("replay_ce" in r and "logit_kl" in r for r in logged(out) if r.get("task") == 1)
-    assert all("input_lm" in r for r in logged(out) if "step" in r and "task_ce" in r)
+    steps = [r for r in logged(out) if "step" in r]
+    assert any("replay_ce" in r and "logit_kl" in r and "lm" in r for r in steps if r["task"] == 1)
+    new_task = [r for r in steps if "task_ce" in r]
+    assert new_task and all("lm" in r for r in new_task)
 
 
 def test_a_generated_sample_counts_only_with_an_input_and_an_answer(tok, monkeypatch):
@@ -84,6 +125,8 @@ def test_a_generated_sample_counts_only_with_an_input_and_an_answer(tok, monkeyp
 
     def write(model, starts, max_new_tokens, **kw):
         asked.append((tok.decode(starts[0]), len(starts)))
+        assert (kw["temperature"], kw["top_k"], kw["repetition_penalty"]) == (1.0, 64, 2.5)   # LFPT5's sampling
+        assert kw.get("top_p", 1.0) == 1.0
         return [tok.encode(text, bos=False) for text in next(rounds)]
     monkeypatch.setattr(pseudo, "generate", write)
     samples = pseudo.generate_samples(tiny_model(tok.vocab_size), tok, prompts, 4, 8, seed=0, tries=2)
@@ -93,6 +136,42 @@ def test_a_generated_sample_counts_only_with_an_input_and_an_answer(tok, monkeyp
     rounds = iter([["ab=ba", "cc", "=c", "a="]])
     inputs = pseudo.generate_samples(tiny_model(tok.vocab_size), tok, prompts, 4, 8, seed=0, answers=False, tries=1)
     assert [x["prompt"] for x in inputs] == ["rev:ab=", "rev:cc=", "rev:a="]
+
+
+def test_top_k_and_the_repetition_penalty_sample_as_written_out():
+    """LFPT5 samples with top-k and a repetition penalty: a seen token's logit is divided by the penalty (multiplied
+    where negative), then only the k largest stay."""
+    logits = torch.tensor([[2.0, 1.0, -0.5, -1.0]]).expand(20000, -1)
+    seen = torch.tensor([[True, False, False, True]]).expand(20000, -1)
+    draws = next_token(logits, 1.0, 1.0, torch.Generator().manual_seed(0), top_k=2, repetition_penalty=2.0, seen=seen)
+    # penalised [1, 1, −0.5, −2]: the top 2 are tokens 0 and 1, equally likely (without the penalty 0.73 / 0.27)
+    torch.testing.assert_close(torch.bincount(draws, minlength=4) / 20000., torch.tensor([0.5, 0.5, 0, 0]),
+                               atol=0.015, rtol=0)
+    draws = next_token(logits, 1.0, 1.0, torch.Generator().manual_seed(1), repetition_penalty=2.0, seen=seen)
+    torch.testing.assert_close(torch.bincount(draws, minlength=4) / 20000., torch.softmax(torch.tensor(
+        [1.0, 1.0, -0.5, -2.0]), 0), atol=0.015, rtol=0)   # no top-k: all four, the seen negative one lowered
+    assert next_token(torch.tensor([[2.0, 1.5]]), repetition_penalty=2.0, seen=torch.tensor([[True, False]])) == 1
+
+
+def test_generation_penalises_the_tokens_it_generated_as_a_naive_loop_does(tok):
+    """Greedy with a repetition penalty against a loop that reruns the whole sequence and penalises each token
+    generated so far (not the prompt's), once per token."""
+    model = tiny_model(tok.vocab_size).eval()
+    prompts, penalty = [[1, 5, 9, 5], [1, 7]], 3.0
+    want = []
+    for prompt in prompts:
+        sequence, new = list(prompt), []
+        for _ in range(10):
+            with torch.no_grad():
+                logits = model(torch.tensor([sequence]))[0, -1].float()
+            for t in set(new):
+                logits[t] = logits[t] * penalty if logits[t] < 0 else logits[t] / penalty
+            new.append(int(logits.argmax()))
+            sequence.append(new[-1])
+        want.append(new)
+    assert generate(model, prompts, 10, repetition_penalty=penalty) == want
+    assert generate(model, prompts, 10, repetition_penalty=penalty, use_cache=False) == want
+    assert generate(model, prompts, 10) != want     # the penalty changes what this model writes
 
 
 def test_prompts_without_a_shared_ending_stop_the_run_before_training(tok, tmp_path):

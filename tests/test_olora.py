@@ -1,12 +1,14 @@
-"""O-LoRA (#13): the penalty is the authors' formula, earlier LoRAs do not move, and a checkpoint's LoRAs fold
-exactly into its weights (what every PET run owes, tests/test_pet_runs.py)."""
+"""O-LoRA (#13): the penalty is the authors' formula, one dropout mask is shared by the old and new LoRAs, earlier
+LoRAs do not move, and a checkpoint's LoRAs fold exactly into its weights (what every PET run owes,
+tests/test_pet_runs.py)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import logged
 
 from minseekr.checkpoint import load_hf
-from minseekr.model import ModelArgs
+from minseekr.model import ModelArgs, Transformer
 from minseekr.olora import OLoRA
 from minseekr.pet import FILE, attach_saved
 from minseekr.peft import read_method
@@ -43,6 +45,40 @@ def test_penalty_and_its_gradient_are_the_authors_formula():
         torch.testing.assert_close(new.A[key].grad, A_new[key].grad)
         torch.testing.assert_close(new.B[key].grad, B_new[key].grad)
     assert all(p.grad is None for lora in method.bank.loras[:2] for p in lora.parameters())   # frozen
+
+
+def test_one_dropout_mask_on_a_projections_input_is_shared_by_the_old_and_new_loras():
+    """O-LoRA's `Linear.forward` drops x once and feeds it to the stacked old LoRAs and the new one."""
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    method = OLoRA(ARGS, rank=4, alpha=8, dropout=0.5)
+    for k in range(2):
+        method.begin_task(k)
+    with torch.no_grad():
+        for lora in method.bank.loras:
+            for p in lora.B.values():
+                p.normal_()
+    method.attach(model)
+    q = model.model.layers[0].self_attn.q_proj
+    seen = {}
+    q.register_forward_pre_hook(lambda m, inputs: seen.update(rng=torch.get_rng_state()))
+    q.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0].detach(), out=out.detach()))
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 7))
+
+    def want(x, kept):   # W x + Σ_t (α/r) B_t A_t (x ⊙ kept), the same kept entries for every t
+        lora_sum = sum((x * kept) @ lora.A["0_q_proj"].T @ lora.B["0_q_proj"].T * (8 / 4) for lora in method.bank.loras)
+        return x @ q.weight.T + lora_sum
+
+    with torch.no_grad():
+        model.train()(tokens)
+        state = torch.get_rng_state()
+        torch.set_rng_state(seen["rng"])
+        kept = F.dropout(torch.ones_like(seen["x"]), 0.5, True)          # the one mask (÷ (1 − p) included)
+        torch.set_rng_state(state)
+        assert 0 < (kept == 0).float().mean() < 1
+        torch.testing.assert_close(seen["out"], want(seen["x"], kept))
+        model.eval()(tokens)                                                # evaluation never drops
+        torch.testing.assert_close(seen["out"], want(seen["x"], torch.ones_like(seen["x"])))
 
 
 @pytest.fixture

@@ -2,16 +2,30 @@
 the naive KL and vanishes where the weights keep the saved vectors, and on separable tasks the selection routes each
 task's inputs to its own LoRA (what every PET run owes, tests/test_pet_runs.py)."""
 import math
+import sys
 
 import pytest
 import torch
-from conftest import logged
+from conftest import ROOT, logged
+from test_continual import tiny_model
 
+from minseekr.checkpoint import load_hf
+from minseekr.config import ContinualConfig
+from minseekr.continual import ContinualTrainer
+from minseekr.data import Task
+from minseekr.evaluation import prompt_room
+from minseekr.generate import generate
 from minseekr.model import ModelArgs
 from minseekr.peft import read_method
-from minseekr.pet import FILE
+from minseekr.pet import FILE, attach_saved
 from minseekr.pseudo import frame, released
+from minseekr.runtime import InputError
 from minseekr.sapt import SAPT
+from minseekr.synthetic import make_records, train_tokenizer
+from minseekr.tokenizer import Tokenizer
+
+sys.path.insert(0, str(ROOT / "tools"))
+import sapt_routing  # noqa: E402
 
 ARGS = ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=32, max_seq_len=64)
 
@@ -61,18 +75,19 @@ def memory(method, k, held_out, pseudo):
 
 def test_arm_is_the_naive_kl_to_the_zero_padded_saved_vectors():
     torch.manual_seed(0)
-    method = sapt(1)
+    method = sapt(1, arm_weight=0.7)
     memory(method, 0, torch.randn(5, ARGS.dim), torch.randn(3, ARGS.dim))
     method.begin_task(1)
     memory(method, 1, torch.randn(5, ARGS.dim), torch.randn(4, ARGS.dim))
     method.begin_task(2)
-    assert method.add_penalty_grad(2)["arm_kl"] == pytest.approx(float(method.arm(2).detach()))
     want = 0.0
     for anchor, inputs in zip(method.anchors, method.pseudo):
         target = torch.cat([anchor, torch.zeros(3 - anchor.numel())])
         kl = [sum(p * (p / q).log() for p, q in zip(target, naive_weights(method, x)) if p > 0) for x in inputs]
-        want = want + sum(kl) / len(kl)
+        want = want + 0.7 * sum(kl) / len(kl)
     grads = torch.autograd.grad(want, [method.keys[2], *method.transform.parameters()])
+    assert float(want.detach()) > 0.01
+    assert method.add_penalty_grad(2)["arm_kl"] == pytest.approx(float(want.detach()), rel=1e-5)   # as logged
     torch.testing.assert_close(method.arm(2), want.detach())
     for p, g in zip([method.keys[2], *method.transform.parameters()], grads):
         torch.testing.assert_close(p.grad, g)
@@ -129,7 +144,8 @@ def test_a_run_saves_the_task_memories_and_logs_arm(pet_runs):
     # at most --replay-ratio 0.25 of 24 inputs, written by θ_1: those that reached the prompts' shared ending "="
     assert 1 <= len(tensors["pseudo0"]) <= 6 and tensors["pseudo0"].shape[1] == 32
     assert [r for r in logged(out) if "arm_kl" in r and r["task"] == 0] == []
-    assert all(r["arm_kl"] > 0 for r in logged(out) if r.get("task") == 1 and "step" in r)
+    steps = [r for r in logged(out) if r.get("task") == 1 and "step" in r]
+    assert steps and all(r["arm_kl"] > 0 for r in steps)
 
 
 def test_released_pseudo_inputs_take_the_tasks_own_frame(tmp_path):
@@ -138,18 +154,54 @@ def test_released_pseudo_inputs_take_the_tasks_own_frame(tmp_path):
     folder = tmp_path / "task007_sorting"
     folder.mkdir()
     (folder / "pseudo.json").write_text('{"Definition": ["sort."], "Instances": [{"input": "z y", "output": ""}]}')
-    assert released(tmp_path, "task007_sort_words", prompts) == ["Definition: sort.\nInput: z y\nOutput: "]
+    assert released(str(tmp_path), "task007_sort_words", prompts) == ["Definition: sort.\nInput: z y\nOutput: "]
     with pytest.raises(ValueError, match="no folder for task task008"):
-        released(tmp_path, "task008", prompts)
+        released(str(tmp_path), "task008", prompts)   # a folder given must hold every task
+
+
+def test_pseudo_inputs_auto_reads_sapt_pseudo_beside_the_data_where_it_has_the_task(tmp_path):
+    prompts = ["rev:abc=", "rev:ba="]
+    folder = tmp_path / "sapt-pseudo" / "rev"
+    folder.mkdir(parents=True)
+    (folder / "pseudo.json").write_text('{"Instances": [{"input": "cab", "output": ""}]}')
+    data = tmp_path / "superni"
+    assert released("auto", "rev", prompts, data) == ["rev:cab="]
+    assert released("auto", "rot", prompts, data) is None          # a task it lacks: the model writes them
+    assert released("auto", "rev", prompts, tmp_path / "elsewhere" / "data") is None
+    assert released("auto", "rev", prompts) is None                # no --data known (the trainer's own check)
+    assert released("self", "rev", prompts, data) is None
+
+
+def test_arms_pseudo_inputs_are_pooled_with_eos_and_the_routing_queries_without(tmp_path):
+    """As SAPT's memory_replay (input_ids: the input, its empty label, EOS) and its routing (input_ids_wo_label);
+    `--pseudo-inputs auto` finds the released ones beside --data."""
+    train_tokenizer(tmp_path / "t.model")
+    tok = Tokenizer(str(tmp_path / "t.model"))
+    folder = tmp_path / "sapt-pseudo" / "rev"
+    folder.mkdir(parents=True)
+    (folder / "pseudo.json").write_text('{"Instances": [{"input": "cab", "output": ""}, {"input": "b", "output": ""}]}')
+    tasks = [Task(t, make_records(t, 8, 0), make_records(t, 3, 2), make_records(t, 2, 1)) for t in ("rev", "rot")]
+    trainer = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, ContinualConfig(method="sapt"),
+                               tmp_path / "run", spec={"data": str(tmp_path / "data")})
+    trainer.pet.begin_task(0)
+    (tmp_path / "task01").mkdir()
+    trainer.remember(0, tmp_path / "task01")
+    E = tiny_model(tok.vocab_size).model.embed_tokens.weight.detach()
+    pooled = lambda ids: E[ids].max(0).values   # noqa: E731
+    with_eos = torch.stack([pooled(tok.prompt(p, 1024) + [tok.eos_id]) for p in ("rev:cab=", "rev:b=")])
+    without = torch.stack([pooled(tok.prompt(p, 1024)) for p in ("rev:cab=", "rev:b=")])
+    assert not torch.equal(with_eos, without)                     # EOS changes these queries
+    torch.testing.assert_close(trainer.pet.pseudo[0], with_eos)
+    read = read_method(tmp_path / "task01" / FILE)[1]             # and the checkpoint keeps them
+    torch.testing.assert_close(read["pseudo0"], with_eos)
+    # w̄ with a second task: the held-out (eval) prompts' mean weights, queried without EOS
+    trainer.pet.begin_task(1)
+    trainer.pet.end_task(1, trainer.prompt_embeddings([r["prompt"] for r in tasks[1].eval]), iter(()))
+    held_out = torch.stack([pooled(tok.prompt(r["prompt"], 1024)) for r in tasks[1].eval])
+    torch.testing.assert_close(trainer.pet.anchors[1], trainer.pet.weights(held_out).mean(0).detach())
 
 
 def test_a_missing_pseudo_input_folder_stops_the_run_before_training(tmp_path):
-    from minseekr.config import ContinualConfig
-    from minseekr.continual import ContinualTrainer
-    from minseekr.data import Task
-    from minseekr.synthetic import make_records, train_tokenizer
-    from minseekr.tokenizer import Tokenizer
-    from test_continual import tiny_model
     train_tokenizer(tmp_path / "t.model")
     tok = Tokenizer(str(tmp_path / "t.model"))
     tasks = [Task(t, make_records(t, 8, 0), [], make_records(t, 2, 1)) for t in ("rev", "rot")]
@@ -181,3 +233,32 @@ def test_a_task_without_pseudo_inputs_adds_nothing_to_arm():
     memory(empty, 0, torch.randn(3, ARGS.dim), torch.zeros(0, ARGS.dim))
     empty.begin_task(1)
     assert empty.add_penalty_grad(1) == {"arm_kl": 0.0}          # nothing to reflect on, and no error
+
+
+def test_the_routing_tool_reports_the_weights_generation_routes_each_tasks_test_inputs_with(pet_runs, capsys):
+    """tools/sapt_routing.py against the routing that generation itself sets, input by input, at each checkpoint."""
+    (model_dir, _), out = pet_runs("sapt")
+    table = sapt_routing.routing(out)
+    assert [[row["task"] for row in rows] for rows in table] == [["rev"], ["rev", "rot"]]
+    tok = Tokenizer(str(model_dir / "tokenizer.model"))
+    for k, rows in enumerate(table, 1):
+        checkpoint = out / "checkpoints" / f"task{k:02d}"
+        model = attach_saved(load_hf(checkpoint), checkpoint).eval()
+        method, saved = model.soft_prompts.__self__, read_method(checkpoint / FILE)[1]
+        for j, row in enumerate(rows):
+            weights = []
+            for record in make_records(row["task"], 8, 1):        # the run's test records (--eval-samples 8)
+                generate(model, [tok.prompt(record["prompt"], prompt_room(1024, 8, model.args))], 1)
+                weights.append(method.bank.weights[0])
+            w = torch.stack(weights)
+            assert w.shape == (8, k) and row["inputs"] == 8
+            torch.testing.assert_close(torch.tensor(row["mean"]), w.mean(0))
+            assert row["above_half"] == (w > 0.5).sum(0).tolist()
+            assert row["saved"] == saved[f"anchor{j}"].tolist()
+    w = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.95, 0.05]])
+    assert sapt_routing.summary(w) == {"inputs": 3, "mean": pytest.approx([1.85 / 3, 1.15 / 3]), "above_half": [2, 1]}
+    sapt_routing.main([str(out)])
+    printed = capsys.readouterr().out
+    assert "θ_2" in printed and f"task 2 rot: 8 test inputs, mean [{table[1][1]['mean'][0]:.3f} " in printed
+    with pytest.raises(InputError, match="the run's method is lfpt5"):
+        sapt_routing.routing(pet_runs("lfpt5")[1])

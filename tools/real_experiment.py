@@ -82,6 +82,8 @@ CONFIGS = {
     # its own released pseudo-inputs (../sapt-pseudo beside --data).
     "olora": dict(method="olora", lr=1e-3),
     "sapt": dict(method="sapt", lr=1e-3, pseudo_inputs="released"),
+    # SAPT without ARM: whether ARM's pull is what keeps every input on the first task's LoRA (tools/sapt_routing.py)
+    "sapt-noarm": dict(method="sapt", lr=1e-3, pseudo_inputs="released", arm_weight=0.0),
 }
 
 
