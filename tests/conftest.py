@@ -56,6 +56,14 @@ def tiny_run_inputs(root: Path, n_train: int, n_test: int):
     return model_dir, data
 
 
+def tiny_flags(inputs, out, *extra):
+    """train.py's flags for a small run of two tasks on `tiny_run_inputs` (model dir, data dir) into `out`."""
+    model_dir, data = inputs
+    return ["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--out", str(out), "--lr", "1e-3",
+            "--batch-size", "8", "--max-len", "32", "--replay-ratio", "0.25", "--layer-budget", "1", "--head-budget",
+            "2", "--query-budget", "4", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu", *extra]
+
+
 def refused(capsys, argv, script="train"):
     """The one line an entry point (train.py, eval.py) prints for bad input: exit code 2, no traceback."""
     module = __import__(script)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, refused, tiny_run_inputs
+from conftest import ROOT, refused, tiny_flags, tiny_run_inputs
 from minseekr.engine import build_engine
 from minseekr.model import ModelArgs, Transformer
 
@@ -17,11 +17,7 @@ def setup(tmp_path_factory):
     return tiny_run_inputs(tmp_path_factory.mktemp("cli"), n_train=16, n_test=4)
 
 
-def flags(setup, out, *extra):
-    model_dir, data = setup
-    return ["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--out", str(out), "--lr", "1e-3",
-            "--batch-size", "8", "--max-len", "32", "--replay-ratio", "0.25", "--layer-budget", "1", "--head-budget",
-            "2", "--query-budget", "4", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu", *extra]
+flags = tiny_flags
 
 
 def cli(*argv, script="train.py"):

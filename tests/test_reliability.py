@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, refused, tiny_run_inputs
+from conftest import ROOT, refused, tiny_flags, tiny_run_inputs
 from minseekr import resume as resume_module
 from minseekr.buffer import TaskMemory
 from minseekr.checkpoint import load_hf
@@ -39,12 +39,7 @@ def tok(tmp_path_factory):
     return Tokenizer(path)
 
 
-def flags(setup, out, *extra):
-    model_dir, data = setup
-    return ["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--out", str(out), "--lr", "1e-3",
-            "--batch-size", "8", "--max-len", "32", "--replay-ratio", "0.25", "--layer-budget", "1",
-            "--head-budget", "2", "--query-budget", "4", "--max-new-tokens", "8", "--threads", "1", "--device", "cpu",
-            *extra]
+flags = tiny_flags
 
 
 def tiny_model(vocab):

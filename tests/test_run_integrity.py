@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, refused, tiny_run_inputs
+from conftest import ROOT, refused, tiny_flags, tiny_run_inputs
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,7 @@ def setup(tmp_path_factory):
 
 
 def flags(setup, out, *extra):
-    model_dir, data = setup
-    return ["--model", str(model_dir), "--data", str(data), "--order", "rev,rot", "--out", str(out), "--lr", "1e-3",
-            "--batch-size", "8", "--max-len", "32", "--replay-ratio", "0.25", "--layer-budget", "1", "--head-budget",
-            "2", "--query-budget", "4", "--max-new-tokens", "8", "--eval-samples", "2", "--threads", "1",
-            "--device", "cpu", *extra]
+    return tiny_flags(setup, out, "--eval-samples", "2", *extra)
 
 
 @pytest.fixture(scope="module")
