@@ -246,3 +246,20 @@ def test_ranks_started_with_different_data_stop_together_naming_it(setup, tmp_pa
     assert "train.py: error: the ranks of this job were started with different inputs (rank 1: task rev's records" \
         in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- what a user reads ------------------------------------------------------------------------------------------
+
+def test_eval_labels_the_base_models_scores(finished, capsys):
+    import eval as eval_cli
+    eval_cli.main([str(finished("seqft")), "--out", os.devnull])
+    assert "base model θ_0 (before any task): rev " in capsys.readouterr().out
+
+
+def test_a_second_demo_into_the_same_folder_is_refused_before_anything_runs(tmp_path):
+    from minseekr import demo
+    from minseekr.runtime import InputError
+    (tmp_path / "demo-seed0").mkdir()
+    with pytest.raises(InputError, match="already holds a demo's output \\(demo-seed0\\): give the demo another --out"):
+        demo.run(tmp_path, [0], ["seqft"], {}, root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-seed0"]       # no θ_0 was built
