@@ -63,8 +63,8 @@ from minseekr.buffer import TaskMemory, write_task
 from minseekr.checkpoint import HFCheckpoint, load_hf
 from minseekr.config import METHODS, ContinualConfig
 from minseekr.engine import build_engine, export_hf, load_engine
-from minseekr.fingerprint import across_ranks, changes, fingerprint
 from minseekr.evaluation import evaluate
+from minseekr.fingerprint import across_ranks, changes, fingerprint
 from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
 from minseekr.model import Transformer, token_losses
 from minseekr.peft import ReplicatedAdamW, freeze
