@@ -1,26 +1,35 @@
-"""Evaluate a continual-learning run, or one checkpoint, with greedy KV-cache generation.
+"""Evaluate a continual-learning run, or one checkpoint, with greedy KV-cache generation; and general ability.
 
     python eval.py runs/superni-seekr                      # every task checkpoint of a run: R, OP, BWT, FWT
     python eval.py --model DIR --data ROOT --tasks a,b     # one checkpoint on the test sets of some task folders
                                                            # (printed; --out FILE also writes them)
-    python eval.py runs/x --general ROOT/mmlu,ROOT/gsm     # also GA before (base model) and after (last task), ΔGA
+    python eval.py runs/x --general mmlu,boolq,piqa,gsm8k,bbh --general-samples 200
+                                                           # also Table 2: each benchmark on θ_0 and the last model,
+                                                           # GA and ΔGA (into eval.json)
+    python eval.py --model DIR --general boolq,piqa        # the benchmarks alone, on any model directory
 
 Answers are extracted with the official TRACE rules and scored with each task's metric (0-100), by greedy
 decoding up to EOS or --max-new-tokens (512) from prompts cut to --max-prompt-len (1024) tokens, as the official
 inference. A run directory is one that `train.py --model ...` wrote (its run.json names the model, data and
 order); it is scored on the test records the run itself scored, with its generation settings, unless a flag
 says otherwise. The built-in demo prints its own matrices.
+
+The general-ability benchmarks (MMLU 0-shot, BoolQ, PIQA by log-likelihood; GSM8K 5-shot, BBH 3-shot CoT by greedy
+generation) are read from --general-data, by default ../shared/data/general beside the project; `minseekr/general.py`
+says how each is scored. A run's θ_0 is its checkpoints/task00, its last model the last checkpoint with its method.
 """
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from minseekr.checkpoint import load_hf, read_args
-from minseekr.config import (METHODS, NONNEGATIVE, ContinualConfig, RunConfig, from_flags, option, parser_for,
-                             read_settings, validate)
-from minseekr.data import format_prompts, load_sequence, load_task, parse_order
+from minseekr.config import (AT_LEAST_1, METHODS, NONNEGATIVE, ContinualConfig, RunConfig, from_flags, option,
+                             parser_for, read_settings, validate)
+from minseekr.data import format_prompts, load_sequence, parse_order
 from minseekr.evaluation import evaluate, prompt_room
-from minseekr.metrics import delta_general_ability, format_matrix, format_summary, general_ability
+from minseekr.general import compare, data_root, format_table, parse_names, score_general
+from minseekr.general import check as check_general
+from minseekr.metrics import format_matrix, format_summary
 from minseekr.pet import attach_saved
 from minseekr.rundir import RunDir, summarize
 from minseekr.runtime import InputError, atomic_write, exit_on_input_errors, read_json
@@ -35,7 +44,13 @@ class EvalConfig:
                                 ("plain", "chat"))
     data: str = option("", "folder holding the task folders (with --model)")
     tasks: str = option("", "comma-separated task folders (with --model)")
-    general: str = option("", "comma-separated general-ability task folders (GA before and after, ΔGA)")
+    general: str = option("", "general-ability benchmarks among mmlu,boolq,piqa,gsm8k,bbh, comma-separated "
+                                  "(Table 2: a run's θ_0 and last model, GA and ΔGA; with --model, that model)")
+    general_data: str = option("", "the folder holding the benchmarks (default: ../shared/data/general beside the "
+                                   "project)")
+    general_samples: int = option(0, "items per benchmark (0: all); MMLU takes ⌈N/57⌉ per subject, BBH ⌈N/27⌉ per "
+                                     "task", check=NONNEGATIVE)
+    general_max_new_tokens: int = option(256, "generation length of GSM8K and BBH", check=AT_LEAST_1)
     samples: int = option(0, "test records per task (0: the run's, or all)", check=NONNEGATIVE)
     max_prompt_len: int = option(0, f"prompt tokens kept (0: the run's, or {ContinualConfig.max_prompt_len})",
                                  check=(lambda v: v == 0 or v >= 2, "0 or ≥ 2"))
@@ -45,6 +60,10 @@ class EvalConfig:
 
     def __post_init__(self):
         validate(self)
+        if self.general:
+            parse_names(self.general)
+        elif self.general_data or self.general_samples:
+            raise InputError("--general-data and --general-samples go with --general a,b,...")
 
 
 def evaluate_run(run: RunDir, ns: EvalConfig):
@@ -58,6 +77,8 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
     new_tokens = ns.max_new_tokens or cfg.max_new_tokens
     args = read_args(base_dir)
     prompt_room(prompt_len, new_tokens, args)
+    if ns.general:
+        check_general(data_root(ns.general_data), parse_names(ns.general), args, ns.general_max_new_tokens)
     tasks, _ = load_sequence(parse_order(spec.order), spec.data)
     for t in tasks:                     # the run's own test records (train.py --test-samples)
         t.test = t.test[:spec.test_samples or None]
@@ -88,34 +109,39 @@ def evaluate_run(run: RunDir, ns: EvalConfig):
     print(format_matrix(R, out["tasks"], row_names=["all tasks (mtl)"] if joint else None))
     print(format_summary(out))
     if ns.general:
-        general = [load_task(f) for f in ns.general.split(",")]
-        format_prompts(general, spec.prompt_format, tok)   # scored as the run's own tasks are
-        before = {t.name: score(base_model, t) for t in general}
-        after = {t.name: score(model, t) for t in general}
-        out.update(GA_before=general_ability(before), GA_after=general_ability(after),
-                   dGA=delta_general_ability(before, after), general_before=before, general_after=after)
-        print(f"GA {out['GA_before']:.2f} -> {out['GA_after']:.2f}  (ΔGA {out['dGA']:+.2f})")
+        out["general"] = compare(base_model, model, tok, data_root(ns.general_data), parse_names(ns.general),
+                                 ns.general_samples, ns.general_max_new_tokens)
+        print(format_table({"θ_0 (task00)": out["general"]["before"], f"last ({checkpoints[-1].name})":
+                            out["general"]["after"]}))
     return out
 
 
 def evaluate_model(ns: EvalConfig):
-    if not ns.data or not ns.tasks:
-        raise InputError("--model needs --data ROOT and --tasks a,b,...")
-    if ns.general:
-        raise InputError("--general compares a run's θ_0 with its last model: give RUN_DIR, not --model")
+    if bool(ns.data) != bool(ns.tasks) or not (ns.tasks or ns.general):
+        raise InputError("--model needs --data ROOT and --tasks a,b,..., or --general a,b,... (or both)")
     prompt_len = ns.max_prompt_len or ContinualConfig.max_prompt_len
     new_tokens = ns.max_new_tokens or ContinualConfig.max_new_tokens
     args = read_args(ns.model)
-    prompt_room(prompt_len, new_tokens, args)
+    if ns.tasks:
+        prompt_room(prompt_len, new_tokens, args)
+    if ns.general:
+        check_general(data_root(ns.general_data), parse_names(ns.general), args, ns.general_max_new_tokens)
     tok = Tokenizer(ns.tokenizer or find_tokenizer(ns.model))
     tok.check_model(args, ns.model)
     model = attach_saved(load_hf(ns.model), ns.model)
-    tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
-    format_prompts(tasks, ns.prompt_format, tok)
-    scores = {t.name: evaluate(model, tok, t, ns.samples, prompt_len, new_tokens, progress=True) for t in tasks}
-    for name, value in scores.items():
-        print(f"{name}: {value:.2f}")
-    return {"model": ns.model, "scores": scores}
+    out = {"model": ns.model}
+    if ns.tasks:
+        tasks, _ = load_sequence(ns.tasks.split(","), ns.data)
+        format_prompts(tasks, ns.prompt_format, tok)
+        out["scores"] = {t.name: evaluate(model, tok, t, ns.samples, prompt_len, new_tokens, progress=True)
+                         for t in tasks}
+        for name, value in out["scores"].items():
+            print(f"{name}: {value:.2f}")
+    if ns.general:
+        out["general"] = score_general(model, tok, data_root(ns.general_data), parse_names(ns.general),
+                                       ns.general_samples, ns.general_max_new_tokens)
+        print(format_table({Path(ns.model).name: out["general"]["scores"]}))
+    return out
 
 
 def main(argv=None):

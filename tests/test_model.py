@@ -136,3 +136,13 @@ def test_config_refuses_what_is_not_implemented():
     old_form = ModelArgs.from_hf_config({**base, "rope_theta": 5e5, "rope_scaling": None})
     assert new_form.rope_theta == old_form.rope_theta == 5e5
     assert ModelArgs.from_hf_config(base).rope_theta == 1e4
+
+
+def test_the_defaults_are_llama_2_7b_as_its_config_json_states_it():
+    """ModelArgs() is LLaMA-2-7B; its HF config.json (meta-llama/Llama-2-7b-hf), written out, reads back as it."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
+              "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+              "vocab_size": 32000, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+              "hidden_act": "silu", "rope_scaling": None, "torch_dtype": "float16"}
+    assert ModelArgs.from_hf_config(config) == ModelArgs()
