@@ -12,13 +12,14 @@ in one order: the library's defaults, then the method's authors' (config.METHOD_
 settings, then the typed flags). The resolved settings are written into the run directory.
 """
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from minseekr import demo
-from minseekr.checkpoint import read_args
+from minseekr import demo, general
+from minseekr.checkpoint import load_hf, read_args
 from minseekr.config import (METHOD_DEFAULTS, METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset,
                              read_settings, resolve, typed_flags)
 from minseekr.continual import ContinualTrainer
@@ -26,8 +27,9 @@ from minseekr.data import format_prompts, load_sequence, parse_order
 from minseekr.engine import load_engine
 from minseekr.evaluation import prompt_room
 from minseekr.metrics import format_matrix, format_summary
+from minseekr.pet import attach_saved
 from minseekr.rundir import RunDir
-from minseekr.runtime import InputError, exit_on_input_errors, init_distributed, print0, shutdown
+from minseekr.runtime import InputError, atomic_write, exit_on_input_errors, init_distributed, print0, shutdown
 from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
@@ -90,18 +92,42 @@ def train(argv):
         raise InputError(f"--max-len {cfg.max_len} exceeds the {args.max_seq_len} positions of {run.model} "
                          f"(max_position_embeddings)")
     prompt_room(cfg.max_prompt_len, cfg.max_new_tokens, args)
-    _, _, device = init_distributed(run.device)
+    if run.general:   # before training, not after it: a missing benchmark file fails in seconds
+        general.check(general.data_root(run.general_data), general.parse_names(run.general), args,
+                      run.general_max_new_tokens)
+    elif run.general_data or run.general_samples:
+        raise InputError("--general-data and --general-samples go with --general a,b,...")
+    rank, _, device = init_distributed(run.device)
     engine = load_engine(run.model, run.fsdp, frozen=METHODS[cfg.method].adapts, device=device,
                          compute_dtype=getattr(torch, run.dtype) if run.dtype else None,
                          activation_checkpointing=run.activation_checkpointing, betas=cfg.betas,
                          weight_decay=cfg.weight_decay)
     # Paths are stored absolute, so the run resumes from any working directory, moved or copied.
+    paths = ("model", "tokenizer", "data", "general_data")
     spec = dataclasses.replace(run, resume="", out="", **{k: str(Path(getattr(run, k)).resolve()) if getattr(run, k)
-                                                          else "" for k in ("model", "tokenizer", "data")})
+                                                          else "" for k in paths})
     summary = ContinualTrainer(engine, tok, tasks, cfg, run.out, spec=dataclasses.asdict(spec)).run_all(
         resume=bool(run.resume))
     print0(format_matrix(summary["R"], summary["tasks"], row_names=["all tasks"] if METHODS[cfg.method].joint else None))
     print0(format_summary(summary))
+    if run.general:
+        del engine   # the two models scored next need its memory
+        table_2(RunDir(run.out), summary, cfg.method, tok, run, device, rank == 0)
+
+
+def table_2(run: RunDir, summary: dict, method: str, tok, settings: RunConfig, device, rank0: bool):
+    """General ability (Table 2) on θ_0 (the run's task00) and on its last model, its method attached; printed and
+    added to results.json. Every rank scores its share."""
+    before = load_hf(run.checkpoint(0), device=device)
+    last = run.checkpoint(1 if METHODS[method].joint else len(summary["tasks"]))
+    after = attach_saved(load_hf(last, device=device), last, expected=method)
+    summary["general"] = general.compare(before, after, tok, general.data_root(settings.general_data),
+                                         general.parse_names(settings.general), settings.general_samples,
+                                         settings.general_max_new_tokens, progress=rank0)
+    if rank0:
+        print(general.format_table({"θ_0 (task00)": summary["general"]["before"],
+                                    f"last ({last.name})": summary["general"]["after"]}), flush=True)
+        atomic_write(run.results, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
 
 
 if __name__ == "__main__":

@@ -245,6 +245,13 @@ class RunConfig:
                           check=NONNEGATIVE)
     train_samples: int = option(0, "first N training records per task (0 = all): quick runs", check=NONNEGATIVE)
     test_samples: int = option(0, "first N test records per task kept in the run (0 = all)", check=NONNEGATIVE)
+    general: str = option("", "general-ability benchmarks among mmlu,boolq,piqa,gsm8k,bbh, scored on θ_0 and the "
+                          "last model when the run ends (Table 2: GA and ΔGA into results.json)")
+    general_data: str = option("", "the folder holding the benchmarks (default: ../shared/data/general beside the "
+                               "project)")
+    general_samples: int = option(0, "items per benchmark (0: all); MMLU takes ⌈N/57⌉ per subject, BBH ⌈N/27⌉ per "
+                                  "task", check=NONNEGATIVE)
+    general_max_new_tokens: int = option(256, "generation length of GSM8K and BBH", check=AT_LEAST_1)
     demo_seeds: str = option("0", "demo only: comma-separated seeds to repeat the comparison over")
     demo_methods: str = option("seqft,replay,derpp,seekr", "demo only: comma-separated methods to compare (any "
                                "of --method's)")

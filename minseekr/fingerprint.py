@@ -19,7 +19,8 @@ from minseekr.runtime import gather, rank_world
 
 # run.json's fields that do not change what a run computes: where things are (paths are checked by content),
 # the thread count (a resume may change it), the demo's own choices.
-_NOT_SETTINGS = ("model", "tokenizer", "data", "out", "resume", "threads", "demo_seeds", "demo_methods")
+_NOT_SETTINGS = ("model", "tokenizer", "data", "general_data", "out", "resume", "threads", "demo_seeds",
+                 "demo_methods")
 
 
 def digest(obj) -> str:

@@ -11,7 +11,7 @@ import sentencepiece as spm
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import refused, shared_path
+from conftest import refused, shared_path, tiny_flags, tiny_run_inputs
 from minseekr import general
 from minseekr.checkpoint import load_hf, save_hf
 from minseekr.metrics import delta_general_ability, general_ability
@@ -363,3 +363,20 @@ def test_the_default_data_root_is_shared_beside_the_project(root, monkeypatch, t
     monkeypatch.setattr(general, "DEFAULT_ROOT", tmp_path / "absent")
     with pytest.raises(InputError, match=f"--general needs --general-data ROOT.*{tmp_path / 'absent'} is not there"):
         general.data_root("")
+
+
+def test_train_py_scores_general_ability_at_the_end_of_a_run_into_results_json(tmp_path):
+    """`train.py --general` scores θ_0 and the last model as `eval.py RUN --general` does, into results.json."""
+    import eval as eval_cli
+    import train as train_cli
+    inputs = tiny_run_inputs(tmp_path / "in", n_train=16, n_test=2)
+    run = tmp_path / "run"
+    train_cli.main(tiny_flags(inputs, run, "--method", "seqft", "--general", "boolq,piqa", "--general-samples", "3",
+                              "--general-data", str(shared_path("data", "general"))))
+    trained = json.loads((run / "results.json").read_text())["general"]
+    eval_cli.main([str(run), "--general", "boolq,piqa", "--general-samples", "3", "--general-data",
+                   str(shared_path("data", "general"))])
+    evaluated = json.loads((run / "eval.json").read_text())["general"]
+    assert set(trained["before"]) == {"boolq", "piqa"} and trained["before"]["piqa"]["items"] == 3
+    for key in ("before", "after", "GA_before", "GA_after", "dGA"):
+        assert trained[key] == evaluated[key], key
