@@ -25,6 +25,8 @@ def test_interleave_spreads_replay_evenly_by_volume():
     positions = [i for i, (name, _) in enumerate(plan) if name == 0]
     assert positions[1] - positions[0] >= 6                       # two batches, half a plan apart
     assert [j for name, j in plan if name == 1] == [0, 1, 2, 3]   # each stream keeps its order
+    # Batch j of n sits at (j + 0.5) / n: one replayed batch among four new ones comes in the middle, not first.
+    assert interleave({"new": 4, 0: 1}) == [("new", 0), ("new", 1), (0, 0), ("new", 2), ("new", 3)]
 
 
 @pytest.fixture(scope="module")
