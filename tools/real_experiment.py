@@ -119,13 +119,28 @@ def run_one(model, data, out: Path, config: str, seed: int, keep: str = "all") -
     shutil.rmtree(run.root, ignore_errors=True)   # an interrupted run starts over: its settings are ours
     run.root.mkdir(parents=True)
     start = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with open(run.root.parent / f"{config}.log", "w") as log:
-        rc = subprocess.call(command(model, data, run.root, config, seed), stdout=log, stderr=subprocess.STDOUT,
-                             env=env)
+    log = run.root.parent / f"{config}.log"
+    rc = launch(command(model, data, run.root, config, seed), log)
     if rc != 0:   # a failed run keeps every file, to be read; the next command starts it over
-        return config, seed, (time.time() - start) / 60, f"exit {rc}, see {run.root.parent / f'{config}.log'}", ""
+        return config, seed, (time.time() - start) / 60, f"exit {rc}, see {log}", ""
     return config, seed, (time.time() - start) / 60, "", prune(run, config, keep)
+
+
+def launch(cmd: list[str], log: Path, while_running=None) -> int:
+    """`cmd` in a process of its own on one CPU thread, its output into `log`; `while_running()` is called every
+    few seconds until the process ends; its exit code."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(log, "w") as out, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env) as process:
+        try:
+            while True:
+                try:
+                    return process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    if while_running:
+                        while_running()
+        except BaseException:   # interrupted: the run goes with the command
+            process.kill()
+            raise
 
 
 def prune(run: RunDir, config: str, keep: str) -> str:
@@ -135,6 +150,13 @@ def prune(run: RunDir, config: str, keep: str) -> str:
     kept = {"all": checkpoints, "last": checkpoints[-1:], "none": []}[keep]
     if config == "seqft":
         kept = [c for c in checkpoints if c in kept or c.name != "task00"]
+    return remove(run, kept)
+
+
+def remove(run: RunDir, kept) -> str:
+    """Remove a run's resume point and every task checkpoint not in `kept`; what was removed, in words ("" for
+    nothing)."""
+    checkpoints = sorted((run.root / "checkpoints").glob("task*"))
     removed = [p for p in (run.resume, *checkpoints) if p.exists() and p not in kept]
     if not removed:
         return ""
