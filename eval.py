@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minseekr.checkpoint import load_hf, read_args
-from minseekr.config import (AT_LEAST_1, METHODS, NONNEGATIVE, ContinualConfig, RunConfig, from_flags, option,
+from minseekr.config import (METHODS, NONNEGATIVE, ContinualConfig, GeneralSettings, RunConfig, from_flags, option,
                              parser_for, read_settings, validate)
 from minseekr.data import format_prompts, load_sequence, parse_order
 from minseekr.evaluation import evaluate, prompt_room
@@ -37,20 +37,13 @@ from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GeneralSettings):
     model: str = option("", "an HF checkpoint directory to score instead of a run")
     tokenizer: str = option("", "tokenizer.model or tokenizer.json (default: the one in MODEL)")
     prompt_format: str = option("plain", "with --model: plain (TRACE's text) or chat (the model's chat template)",
                                 ("plain", "chat"))
     data: str = option("", "folder holding the task folders (with --model)")
     tasks: str = option("", "comma-separated task folders (with --model)")
-    general: str = option("", "general-ability benchmarks among mmlu,boolq,piqa,gsm8k,bbh, comma-separated "
-                                  "(Table 2: a run's θ_0 and last model, GA and ΔGA; with --model, that model)")
-    general_data: str = option("", "the folder holding the benchmarks (default: ../shared/data/general beside the "
-                                   "project)")
-    general_samples: int = option(0, "items per benchmark (0: all); MMLU takes ⌈N/57⌉ per subject, BBH ⌈N/27⌉ per "
-                                     "task", check=NONNEGATIVE)
-    general_max_new_tokens: int = option(256, "generation length of GSM8K and BBH", check=AT_LEAST_1)
     samples: int = option(0, "test records per task (0: the run's, or all)", check=NONNEGATIVE)
     max_prompt_len: int = option(0, f"prompt tokens kept (0: the run's, or {ContinualConfig.max_prompt_len})",
                                  check=(lambda v: v == 0 or v >= 2, "0 or ≥ 2"))

@@ -223,7 +223,20 @@ class ContinualConfig:
 
 
 @dataclass
-class RunConfig:
+class GeneralSettings:
+    """The general-ability flags (Table 2) that train.py and eval.py share."""
+    general: str = option("", "general-ability benchmarks among mmlu,boolq,piqa,gsm8k,bbh, comma-separated: scored "
+                          "on θ_0 and the last model (Table 2: GA and ΔGA; train.py at the end of the run, into "
+                          "results.json; eval.py --model: that model)")
+    general_data: str = option("", "the folder holding the benchmarks (default: ../shared/data/general beside the "
+                               "project)")
+    general_samples: int = option(0, "items per benchmark (0: all); MMLU takes ⌈N/57⌉ per subject, BBH ⌈N/27⌉ per "
+                                  "task", check=NONNEGATIVE)
+    general_max_new_tokens: int = option(256, "generation length of GSM8K and BBH", check=AT_LEAST_1)
+
+
+@dataclass
+class RunConfig(GeneralSettings):
     """train.py's own settings (run.json), beside the ContinualConfig of the run (config.json)."""
     model: str = option("", "HF checkpoint directory (config.json + safetensors); empty runs the demo")
     tokenizer: str = option("", "tokenizer.model (SentencePiece) or tokenizer.json (default: the one in MODEL)")
@@ -245,13 +258,6 @@ class RunConfig:
                           check=NONNEGATIVE)
     train_samples: int = option(0, "first N training records per task (0 = all): quick runs", check=NONNEGATIVE)
     test_samples: int = option(0, "first N test records per task kept in the run (0 = all)", check=NONNEGATIVE)
-    general: str = option("", "general-ability benchmarks among mmlu,boolq,piqa,gsm8k,bbh, scored on θ_0 and the "
-                          "last model when the run ends (Table 2: GA and ΔGA into results.json)")
-    general_data: str = option("", "the folder holding the benchmarks (default: ../shared/data/general beside the "
-                               "project)")
-    general_samples: int = option(0, "items per benchmark (0: all); MMLU takes ⌈N/57⌉ per subject, BBH ⌈N/27⌉ per "
-                                  "task", check=NONNEGATIVE)
-    general_max_new_tokens: int = option(256, "generation length of GSM8K and BBH", check=AT_LEAST_1)
     demo_seeds: str = option("0", "demo only: comma-separated seeds to repeat the comparison over")
     demo_methods: str = option("seqft,replay,derpp,seekr", "demo only: comma-separated methods to compare (any "
                                "of --method's)")
