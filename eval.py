@@ -15,25 +15,25 @@ order); it is scored on the test records the run itself scored, with its generat
 says otherwise. The built-in demo prints its own matrices.
 
 The general-ability benchmarks (MMLU 0-shot, BoolQ, PIQA by log-likelihood; GSM8K 5-shot, BBH 3-shot CoT by greedy
-generation) are read from --general-data, by default ../shared/data/general beside the project; `minseekr/general.py`
+generation) are read from --general-data, by default ../shared/data/general beside the project; `minseekr/evaluation/general.py`
 says how each is scored. A run's θ_0 is its checkpoints/task00, its last model the last checkpoint with its method.
 """
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from minseekr.checkpoint import load_hf, read_args
-from minseekr.config import (METHODS, NONNEGATIVE, ContinualConfig, GeneralSettings, RunConfig, from_flags, option,
+from minseekr.evaluation.data import format_prompts, load_sequence, parse_order
+from minseekr.evaluation.general import check as check_general
+from minseekr.evaluation.general import compare, data_root, format_table, parse_names, score_general
+from minseekr.evaluation.metrics import format_matrix, format_summary
+from minseekr.evaluation.scoring import evaluate, prompt_room
+from minseekr.methods.pet import attach_saved
+from minseekr.network.checkpoint import load_hf, read_args
+from minseekr.network.tokenizer import Tokenizer, find_tokenizer
+from minseekr.run.config import (METHODS, NONNEGATIVE, ContinualConfig, GeneralSettings, RunConfig, from_flags, option,
                              parser_for, read_settings, validate)
-from minseekr.data import format_prompts, load_sequence, parse_order
-from minseekr.evaluation import evaluate, prompt_room
-from minseekr.general import compare, data_root, format_table, parse_names, score_general
-from minseekr.general import check as check_general
-from minseekr.metrics import format_matrix, format_summary
-from minseekr.pet import attach_saved
-from minseekr.rundir import RunDir, summarize
+from minseekr.run.rundir import RunDir, summarize
 from minseekr.runtime import InputError, atomic_write, exit_on_input_errors, read_json
-from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
 @dataclass

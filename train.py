@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 train.py --model DIR ...     # the same run, sharded over 8 GPUs (or CPU processes)
     python train.py --resume runs/superni-seekr              # continue after a crash, from the latest resume point
 
-Every field of `RunConfig` and `ContinualConfig` (minseekr/config.py) is a --flag. Settings resolve
+Every field of `RunConfig` and `ContinualConfig` (minseekr/run/config.py) is a --flag. Settings resolve
 in one order: the library's defaults, then the method's authors' (config.METHOD_DEFAULTS), then the order's epochs
 (Appendix B), then --preset, then the flags typed here (the demo: the library's and the authors' defaults, its own
 settings, then the typed flags). The resolved settings are written into the run directory.
@@ -18,19 +18,20 @@ from pathlib import Path
 
 import torch
 
-from minseekr import demo, general
-from minseekr.checkpoint import load_hf, read_args
-from minseekr.config import (METHOD_DEFAULTS, METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset,
+from minseekr.engines.engine import load_engine
+from minseekr.evaluation import general
+from minseekr.evaluation.data import format_prompts, load_sequence, parse_order
+from minseekr.evaluation.metrics import format_matrix, format_summary
+from minseekr.evaluation.scoring import prompt_room
+from minseekr.methods.pet import attach_saved
+from minseekr.network.checkpoint import load_hf, read_args
+from minseekr.network.tokenizer import Tokenizer, find_tokenizer
+from minseekr.run import demo
+from minseekr.run.config import (METHOD_DEFAULTS, METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset,
                              read_settings, resolve, typed_flags)
-from minseekr.continual import ContinualTrainer
-from minseekr.data import format_prompts, load_sequence, parse_order
-from minseekr.engine import load_engine
-from minseekr.evaluation import prompt_room
-from minseekr.metrics import format_matrix, format_summary
-from minseekr.pet import attach_saved
-from minseekr.rundir import RunDir
+from minseekr.run.rundir import RunDir
+from minseekr.run.trainer import ContinualTrainer
 from minseekr.runtime import InputError, atomic_write, exit_on_input_errors, init_distributed, print0, shutdown
-from minseekr.tokenizer import Tokenizer, find_tokenizer
 
 
 def resumed(run_dir: str, parser, typed: set):

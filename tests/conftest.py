@@ -36,10 +36,10 @@ def _on_the_cpu():
 def tiny_run_inputs(root: Path, n_train: int, n_test: int):
     """A tiny HF checkpoint holding its tokenizer (root/model) and two synthetic tasks in TRACE's folder layout
     (root/data/{rev,rot}): what `train.py --model ... --data ... --order rev,rot` needs."""
-    from minseekr.checkpoint import save_hf
-    from minseekr.model import ModelArgs, Transformer
-    from minseekr.synthetic import make_records, train_tokenizer
-    from minseekr.tokenizer import Tokenizer
+    from minseekr.evaluation.synthetic import make_records, train_tokenizer
+    from minseekr.network.checkpoint import save_hf
+    from minseekr.network.model import ModelArgs, Transformer
+    from minseekr.network.tokenizer import Tokenizer
     model_dir, data = root / "model", root / "data"
     model_dir.mkdir(parents=True)
     train_tokenizer(model_dir / "tokenizer.model")

@@ -13,13 +13,13 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 from conftest import refused, tiny_run_inputs
-from minseekr import tokenizer as tokenizer_module
-from minseekr.checkpoint import HFCheckpoint, load_hf, read_args, save_hf
-from minseekr.config import ContinualConfig, read_settings
-from minseekr.data import DataError, load_sequence, load_task
-from minseekr.model import ModelArgs, Transformer
+from minseekr.evaluation.data import DataError, load_sequence, load_task
+from minseekr.network import tokenizer as tokenizer_module
+from minseekr.network.checkpoint import HFCheckpoint, load_hf, read_args, save_hf
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.network.tokenizer import Tokenizer
+from minseekr.run.config import ContinualConfig, read_settings
 from minseekr.runtime import InputError, read_json
-from minseekr.tokenizer import Tokenizer
 
 DEEP = 200_000   # nested lists: far beyond the interpreter's recursion limit
 GOOD = {"prompt": "2+2=", "answer": "4"}

@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from minseekr.baselines import EWC
-from minseekr.buffer import collate
-from minseekr.config import ContinualConfig
-from minseekr.engine import build_engine
-from minseekr.model import ModelArgs, Transformer, sequence_loss
+from minseekr.engines.engine import build_engine
+from minseekr.methods.ewc import EWC
+from minseekr.network.model import ModelArgs, Transformer, sequence_loss
+from minseekr.run.config import ContinualConfig
+from minseekr.seekr.buffer import collate
 
 
 def tiny():

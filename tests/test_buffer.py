@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from minseekr.buffer import TaskMemory, collate, pack_rows, unpack_rows, write_task
-from minseekr.kl import logit_kl, teacher_signals
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.seekr.buffer import TaskMemory, collate, pack_rows, unpack_rows, write_task
+from minseekr.seekr.distill import logit_kl, teacher_signals
 
 
 @pytest.fixture

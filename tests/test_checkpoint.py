@@ -11,8 +11,8 @@ from conftest import ROOT, shared_path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minseekr.checkpoint import load_hf, parse_size, save_hf
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.checkpoint import load_hf, parse_size, save_hf
+from minseekr.network.model import ModelArgs, Transformer
 
 
 def tiny(tied=False, **kw):
@@ -186,7 +186,7 @@ def test_loading_peaks_below_1_3x_the_checkpoint_size(dtype, tmp_path):
     # Reading one element per page makes mapped weights resident, so they are counted too.
     script = textwrap.dedent(f"""
         import torch
-        from minseekr.checkpoint import load_hf
+        from minseekr.network.checkpoint import load_hf
         def peak():
             return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         base = peak()

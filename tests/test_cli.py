@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, refused, tiny_flags, tiny_run_inputs
-from minseekr.engine import build_engine
-from minseekr.model import ModelArgs, Transformer
+from minseekr.engines.engine import build_engine
+from minseekr.network.model import ModelArgs, Transformer
 
 
 @pytest.fixture(scope="module")

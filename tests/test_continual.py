@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from conftest import logged, refused, shared_path
-from minseekr.buffer import TaskMemory
-from minseekr.checkpoint import load_hf
-from minseekr.config import METHODS, ContinualConfig
-from minseekr.batches import interleave
-from minseekr.continual import ContinualTrainer
-from minseekr.data import Task, load_sequence
-from minseekr.model import ModelArgs, Transformer
-from minseekr.peft import read_method
-from minseekr.pet import FILE
-from minseekr.synthetic import make_records, train_tokenizer
-from minseekr.tokenizer import Tokenizer
+from minseekr.evaluation.data import Task, load_sequence
+from minseekr.evaluation.synthetic import make_records, train_tokenizer
+from minseekr.methods.peft import read_method
+from minseekr.methods.pet import FILE
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.network.tokenizer import Tokenizer
+from minseekr.run.batches import interleave
+from minseekr.run.config import METHODS, ContinualConfig
+from minseekr.run.trainer import ContinualTrainer
+from minseekr.seekr.buffer import TaskMemory
 
 
 def test_interleave_spreads_replay_evenly_by_volume():
@@ -88,7 +88,7 @@ def test_bad_method_is_refused_by_name():
 @pytest.mark.parametrize("method", ["seqft", "replay", "seekr"])
 def test_real_model_on_three_superni_tasks(tmp_path, method):
     """stories260K (real weights, its own tokenizer) on three short-answer SuperNI tasks: the mechanics run."""
-    from minseekr.checkpoint import load_hf
+    from minseekr.network.checkpoint import load_hf
     model_dir = shared_path("artifacts", "stories260K-hf")
     root = shared_path("data", "superni")
     names = ["task363_sst2_polarity_classification", "task195_sentiment140_classification",
@@ -255,7 +255,7 @@ def test_budgets_larger_than_the_model_are_refused_before_training(toy, tmp_path
 
 
 def test_the_demo_draws_seekrs_head_importance_or_says_how_to(toy, tmp_path, monkeypatch, capsys):
-    from minseekr import demo
+    from minseekr.run import demo
     tok, tasks = toy
     summary = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, small_cfg("seekr", epochs=[1]), tmp_path,
                                eval_fn=lambda model, task: 0.0).run_all()
@@ -271,7 +271,7 @@ def test_the_demo_draws_seekrs_head_importance_or_says_how_to(toy, tmp_path, mon
 def test_demo_flags_typed_at_the_library_default_still_override_the_demo_settings():
     import argparse
 
-    from minseekr.config import add_flags, from_flags, typed_flags
+    from minseekr.run.config import add_flags, from_flags, typed_flags
     parser = argparse.ArgumentParser()
     add_flags(parser, ContinualConfig)
     argv = ["--lambda2", "1000", "--epochs=3"]                 # 1000 is ContinualConfig's default, the demo's is not

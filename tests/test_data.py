@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 from conftest import shared_path
 
-from minseekr.data import DataError, ORDERS, TRACE_TASKS, extract_answer, load_sequence, load_task
+from minseekr.evaluation.data import DataError, ORDERS, TRACE_TASKS, extract_answer, load_sequence, load_task
 
 README_ORDER3 = ["task1572", "task363", "task1290", "task181", "task002", "task1510", "task073", "task748",
                  "task511", "task591", "task195", "task875"]

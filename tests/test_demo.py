@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minseekr import demo
+from minseekr.run import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = Path(__file__).parent / "expected" / "demo_quick.json"

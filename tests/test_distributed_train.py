@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import logged, tiny_run_inputs, train_process
-from minseekr.checkpoint import load_hf
+from minseekr.network.checkpoint import load_hf
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import shared_path
-from minseekr.buffer import TaskMemory
-from minseekr.config import ContinualConfig, preset, read_settings, resolve
-from minseekr.continual import ContinualTrainer
-from minseekr.data import Task
-from minseekr.kl import AttentionKL, attention_rows, logit_mse, query_rows
-from minseekr.model import ModelArgs, Transformer
-from minseekr.synthetic import make_records, train_tokenizer
-from minseekr.tokenizer import Tokenizer
+from minseekr.evaluation.data import Task
+from minseekr.evaluation.synthetic import make_records, train_tokenizer
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.network.tokenizer import Tokenizer
+from minseekr.run.config import ContinualConfig, preset, read_settings, resolve
+from minseekr.run.trainer import ContinualTrainer
+from minseekr.seekr.buffer import TaskMemory
+from minseekr.seekr.distill import logit_mse
+from minseekr.seekr.kl import AttentionKL, attention_rows, query_rows
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from minseekr.checkpoint import load_hf
-from minseekr.engine import export_hf, load_engine
-from minseekr.fsdp import FSDP, all_gather
-from minseekr.fsdp_torch import TorchFSDP, decay_groups
-from minseekr.resume import load_sharded, reshard_checkpoint, save_sharded
+from minseekr.engines.engine import export_hf, load_engine
+from minseekr.engines.fsdp import FSDP, all_gather
+from minseekr.engines.fsdp_torch import TorchFSDP, decay_groups
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.model import ModelArgs, Transformer, token_losses
+from minseekr.run.resume import load_sharded, reshard_checkpoint, save_sharded
 from minseekr.runtime import all_reduce
-from minseekr.heads import task_sensitivity
-from minseekr.kl import AttentionKL
-from minseekr.model import ModelArgs, Transformer, token_losses
+from minseekr.seekr.heads import task_sensitivity
+from minseekr.seekr.kl import AttentionKL
 
 # Odd sizes so that both world sizes pad: a block holds 4255 parameters, the tied root 1219.
 ARGS = ModelArgs(dim=23, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=6, vocab_size=52, hidden_dim=37,
@@ -284,7 +284,7 @@ def run(request, tmp_path_factory):
     world, tmp = request.param, tmp_path_factory.mktemp(f"fsdp{request.param}")
     initial = write_hf(initial_model(), tmp / "hf-initial")
     # A fork server that has imported torch once starts each set of fresh processes in well under a second.
-    mp.set_forkserver_preload(["minseekr.fsdp", "minseekr.heads", "torch.distributed.fsdp", "torch._dynamo"])
+    mp.set_forkserver_preload(["minseekr.engines.fsdp", "minseekr.seekr.heads", "torch.distributed.fsdp", "torch._dynamo"])
     spawn = lambda task, n: mp.start_processes(worker, args=(n, str(tmp), task), nprocs=n, start_method="forkserver")
     spawn("train", world)
     others = sorted({1, 2, 3} - {world})

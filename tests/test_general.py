@@ -12,14 +12,14 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conftest import refused, shared_path, tiny_flags, tiny_run_inputs
-from minseekr import general
-from minseekr.checkpoint import load_hf, save_hf
-from minseekr.metrics import delta_general_ability, general_ability
-from minseekr.model import ModelArgs, Transformer
-from minseekr.pp import ProgressivePrompts
+from minseekr.evaluation import general
+from minseekr.evaluation.metrics import delta_general_ability, general_ability
+from minseekr.methods.pp import ProgressivePrompts
+from minseekr.methods.sapt import SAPT
+from minseekr.network.checkpoint import load_hf, save_hf
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.network.tokenizer import Tokenizer
 from minseekr.runtime import InputError
-from minseekr.sapt import SAPT
-from minseekr.tokenizer import Tokenizer
 
 
 def lines(path):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import shared_path
 
-from minseekr.checkpoint import load_hf
-from minseekr.generate import generate, next_token
-from minseekr.model import ModelArgs, Transformer
-from minseekr.tokenizer import Tokenizer
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.generate import generate, next_token
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.network.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from minseekr.generate import generate
-from minseekr.grafting import Grafted
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.generate import generate
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.seekr.grafting import Grafted
 
 ARGS = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=48, max_seq_len=64)
 HEAD_DIM = ARGS.dim // ARGS.n_heads

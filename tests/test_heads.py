@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minseekr import heads
-from minseekr.heads import (HeadScores, attention_at_rows, attention_change, forgettability, importance,
+from minseekr.network.model import ModelArgs, Transformer, sequence_loss
+from minseekr.seekr import heads
+from minseekr.seekr.heads import (HeadScores, attention_at_rows, attention_change, forgettability, importance,
                             normalize_per_layer, sample_query_rows, select_heads, task_sensitivity)
-from minseekr.model import ModelArgs, Transformer, sequence_loss
 
 V = 61
 
@@ -406,7 +406,7 @@ def test_head_scores_accumulate_tasks_and_round_trip_through_safetensors(tmp_pat
 def test_head_maps_tool_scores_a_chain_of_models_draws_both_figures_and_selects(tmp_path):
     pytest.importorskip("matplotlib", reason="tools/head_maps.py draws with matplotlib (pip install .[tools])")
     import importlib.util
-    spec = importlib.util.spec_from_file_location("head_maps", heads.__file__.replace("minseekr/heads.py",
+    spec = importlib.util.spec_from_file_location("head_maps", heads.__file__.replace("minseekr/seekr/heads.py",
                                                                                         "tools/head_maps.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

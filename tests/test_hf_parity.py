@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minseekr.checkpoint import load_hf, save_hf
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.checkpoint import load_hf, save_hf
+from minseekr.network.model import ModelArgs, Transformer
 
 BASE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=64, rms_norm_eps=1e-5, max_position_embeddings=64)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minseekr.kl import CHUNK_ELEMENTS, AttentionKL, _head_chunks, attention_kl, attention_rows
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.seekr.kl import CHUNK_ELEMENTS, AttentionKL, _head_chunks, attention_kl, attention_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from dispatched import Dispatched  # noqa: E402

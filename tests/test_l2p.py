@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import logged
 
-from minseekr.l2p import L2P
-from minseekr.model import ModelArgs
-from minseekr.peft import read_method
-from minseekr.pet import FILE
+from minseekr.methods.l2p import L2P
+from minseekr.methods.peft import read_method
+from minseekr.methods.pet import FILE
+from minseekr.network.model import ModelArgs
 
 ARGS = ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=32, max_seq_len=64)
 

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from conftest import logged
 
-from minseekr import pseudo
-from minseekr.buffer import TaskMemory
-from minseekr.checkpoint import load_hf
-from minseekr.config import ContinualConfig
-from minseekr.continual import ContinualTrainer
-from minseekr.data import Task
-from minseekr.generate import generate, next_token
-from minseekr.pet import attach_saved
-from minseekr.synthetic import make_records, train_tokenizer
-from minseekr.tokenizer import Tokenizer
+from minseekr.evaluation.data import Task
+from minseekr.evaluation.synthetic import make_records, train_tokenizer
+from minseekr.methods import pseudo
+from minseekr.methods.pet import attach_saved
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.generate import generate, next_token
+from minseekr.network.tokenizer import Tokenizer
+from minseekr.run.config import ContinualConfig
+from minseekr.run.trainer import ContinualTrainer
+from minseekr.seekr.buffer import TaskMemory
 from test_continual import tiny_model
 
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, shared_path
 
-from minseekr.checkpoint import load_hf
-from minseekr.generate import generate
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.generate import generate
 
 sys.path.insert(0, str(ROOT / "tools"))
 from convert_llama2c import load_llama2c, main, read_llama2c  # noqa: E402

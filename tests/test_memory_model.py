@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import memory_model as mm  # noqa: E402
-from minseekr.model import Block, ModelArgs, rope_cos_sin  # noqa: E402
+from minseekr.network.model import Block, ModelArgs, rope_cos_sin  # noqa: E402
 
 
 def llama2(name):

@@ -5,7 +5,7 @@ checked against those packages once, outside the test suite (they are not depend
 """
 import pytest
 
-from minseekr.metrics import (
+from minseekr.evaluation.metrics import (
     backward_transfer, delta_general_ability, edit_distance, edit_similarity, exact_match, first_char_accuracy,
     format_matrix, forward_transfer, general_ability, overall_performance, restore_literals, rouge_l, sari,
     sari_operations, score, task_metric, _tokenize_13a,

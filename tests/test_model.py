@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minseekr.model import KVCache, ModelArgs, Transformer, sequence_loss
+from minseekr.network.model import KVCache, ModelArgs, Transformer, sequence_loss
 
 
 def tiny(**kw):

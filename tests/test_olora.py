@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from conftest import logged
 
-from minseekr.checkpoint import load_hf
-from minseekr.model import ModelArgs, Transformer
-from minseekr.olora import OLoRA
-from minseekr.pet import FILE, attach_saved
-from minseekr.peft import read_method
+from minseekr.methods.olora import OLoRA
+from minseekr.methods.peft import read_method
+from minseekr.methods.pet import FILE, attach_saved
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=48, max_seq_len=64)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, shared_path
 
-from minseekr.config import ContinualConfig, RunConfig, from_flags, parser_for
-from minseekr.demo import PET_SETTINGS
-from minseekr.rundir import RunDir
+from minseekr.run.config import ContinualConfig, RunConfig, from_flags, parser_for
+from minseekr.run.demo import PET_SETTINGS
+from minseekr.run.rundir import RunDir
 
 sys.path.insert(0, str(ROOT / "tools"))
 import paper_tables as pt  # noqa: E402
@@ -116,8 +116,8 @@ def test_the_probe_measures_one_runs_peak_and_disk_once(tmp_path):
 
 
 def test_without_general_py_the_general_ability_step_is_skipped_with_a_message(monkeypatch):
-    monkeypatch.setitem(sys.modules, "minseekr.general", None)          # as before general.py was written
-    assert pt.general_ready().startswith("general ability skipped: minseekr/general.py has no score_general yet")
+    monkeypatch.setitem(sys.modules, "minseekr.evaluation.general", None)          # as before general.py was written
+    assert pt.general_ready().startswith("general ability skipped: minseekr/evaluation/general.py has no score_general yet")
 
 
 def tiny_gpu_scale():

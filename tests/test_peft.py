@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from minseekr.generate import generate
-from minseekr.model import ModelArgs, Transformer, token_losses
-from minseekr.peft import LoRA, LoRABank, SoftPrompt, freeze, load_method, save_method
+from minseekr.methods.peft import LoRA, LoRABank, SoftPrompt, freeze, load_method, save_method
+from minseekr.network.generate import generate
+from minseekr.network.model import ModelArgs, Transformer, token_losses
 from minseekr.runtime import InputError
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=48, max_seq_len=64)

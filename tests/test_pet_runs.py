@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from conftest import PET_FLAGS, logged, pet_train
 
-from minseekr.checkpoint import load_hf
-from minseekr.generate import generate
-from minseekr.peft import read_method
-from minseekr.pet import FILE, attach_saved
-from minseekr.resume import latest_point
+from minseekr.methods.peft import read_method
+from minseekr.methods.pet import FILE, attach_saved
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.generate import generate
+from minseekr.run.resume import latest_point
 
 
 @pytest.fixture(params=list(PET_FLAGS))

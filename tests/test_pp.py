@@ -6,12 +6,12 @@ tests/test_pet_runs.py)."""
 import pytest
 import torch
 
-from minseekr.checkpoint import load_hf, read_args
-from minseekr.generate import generate
-from minseekr.model import ModelArgs, Transformer
-from minseekr.peft import read_method
-from minseekr.pet import FILE, attach_saved
-from minseekr.pp import ProgressivePrompts
+from minseekr.methods.peft import read_method
+from minseekr.methods.pet import FILE, attach_saved
+from minseekr.methods.pp import ProgressivePrompts
+from minseekr.network.checkpoint import load_hf, read_args
+from minseekr.network.generate import generate
+from minseekr.network.model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=48, max_seq_len=64)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, shared_path
 
-from minseekr.config import METHODS, ContinualConfig, RunConfig, from_flags, parser_for
-from minseekr.metrics import backward_transfer, overall_performance
-from minseekr.rundir import RunDir
+from minseekr.evaluation.metrics import backward_transfer, overall_performance
+from minseekr.run.config import METHODS, ContinualConfig, RunConfig, from_flags, parser_for
+from minseekr.run.rundir import RunDir
 
 sys.path.insert(0, str(ROOT / "tools"))
 import real_experiment as experiment  # noqa: E402

@@ -57,7 +57,7 @@ def reference(gguf_file):
 
 
 def test_converted_logits_equal_transformers_loading_the_same_gguf(converted, reference):
-    from minseekr.checkpoint import load_hf
+    from minseekr.network.checkpoint import load_hf
     model = load_hf(converted)
     assert (model.args.n_layers, model.args.n_heads, model.args.n_kv_heads, model.args.dim) == (30, 9, 3, 576)
     assert model.args.tie_embeddings and model.args.rope_theta == 1e5
@@ -69,9 +69,9 @@ def test_converted_logits_equal_transformers_loading_the_same_gguf(converted, re
 
 
 def test_the_greedy_chatml_answer_names_paris(converted):
-    from minseekr.checkpoint import load_hf
-    from minseekr.generate import generate
-    from minseekr.tokenizer import Tokenizer
+    from minseekr.network.checkpoint import load_hf
+    from minseekr.network.generate import generate
+    from minseekr.network.tokenizer import Tokenizer
     model, tok = load_hf(converted), Tokenizer(converted)
     prompt = tok.chat("What is the capital of France?")
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
@@ -82,7 +82,7 @@ def test_the_greedy_chatml_answer_names_paris(converted):
 def test_token_ids_equal_transformers_tokenizers_of_the_gguf_and_of_the_converted_files(converted, reference):
     from transformers import AutoTokenizer
 
-    from minseekr.tokenizer import Tokenizer
+    from minseekr.network.tokenizer import Tokenizer
     tok, from_gguf, from_files = Tokenizer(converted), reference[1], AutoTokenizer.from_pretrained(converted)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 2, False)   # <|im_start|>, <|im_end|>
     for text in TEXTS:
@@ -92,7 +92,7 @@ def test_token_ids_equal_transformers_tokenizers_of_the_gguf_and_of_the_converte
 
 
 def test_the_training_encoding_labels_exactly_the_answer_and_eos(converted):
-    from minseekr.tokenizer import IGNORE, Tokenizer
+    from minseekr.network.tokenizer import IGNORE, Tokenizer
     tok = Tokenizer(converted)
     for prompt, answer in (("Input: great movie\nOutput: ", "POS"), ("Q: 12+30=?\nA:", " 42"),
                            ("Résumé en français : ", "très bien ✓")):

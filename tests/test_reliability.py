@@ -13,18 +13,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, refused, tiny_flags, tiny_run_inputs
-from minseekr import resume as resume_module
-from minseekr.buffer import TaskMemory
-from minseekr.checkpoint import load_hf
-from minseekr.config import ContinualConfig
-from minseekr.continual import ContinualTrainer
-from minseekr.data import Task
-from minseekr.kl import teacher_signals
-from minseekr.model import ModelArgs, Transformer
-from minseekr.rundir import RunDir
+from minseekr.evaluation.data import Task
+from minseekr.evaluation.synthetic import make_records, train_tokenizer
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.network.tokenizer import Tokenizer
+from minseekr.run import resume as resume_module
+from minseekr.run.config import ContinualConfig
+from minseekr.run.rundir import RunDir
+from minseekr.run.trainer import ContinualTrainer
 from minseekr.runtime import DiskFullError, InputError, NonFiniteError, init_distributed, umask
-from minseekr.synthetic import make_records, train_tokenizer
-from minseekr.tokenizer import Tokenizer
+from minseekr.seekr.buffer import TaskMemory
+from minseekr.seekr.distill import teacher_signals
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_resume_point(t
 
 
 def test_nan_teacher_signals_leave_no_buffer(tok, tmp_path, monkeypatch):
-    import minseekr.continual as continual
+    import minseekr.run.trainer as continual
 
     def nan_teacher(*args, **kwargs):
         signals = teacher_signals(*args, **kwargs)

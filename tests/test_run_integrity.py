@@ -109,7 +109,7 @@ def test_another_methods_file_and_a_nan_in_a_method_file_are_refused(finished, t
     assert "method.safetensors holds the l2p method after 1 task(s), but" in \
         refused(capsys, [str(run)], script="eval")
     shutil.copyfile(finished("olora") / "checkpoints" / "task01" / "method.safetensors", task01 / "method.safetensors")
-    from minseekr.peft import read_method
+    from minseekr.methods.peft import read_method
     info, _ = read_method(task01 / "method.safetensors", tensors=False)
     name = next(iter(original))
     original[name][0] = float("nan")
@@ -257,7 +257,7 @@ def test_eval_labels_the_base_models_scores(finished, capsys):
 
 
 def test_a_second_demo_into_the_same_folder_is_refused_before_anything_runs(tmp_path):
-    from minseekr import demo
+    from minseekr.run import demo
     from minseekr.runtime import InputError
     (tmp_path / "demo-seed0").mkdir()
     with pytest.raises(InputError, match="already holds a demo's output \\(demo-seed0\\): give the demo another --out"):

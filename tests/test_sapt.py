@@ -9,20 +9,20 @@ import torch
 from conftest import ROOT, logged
 from test_continual import tiny_model
 
-from minseekr.checkpoint import load_hf
-from minseekr.config import ContinualConfig
-from minseekr.continual import ContinualTrainer
-from minseekr.data import Task
-from minseekr.evaluation import prompt_room
-from minseekr.generate import generate
-from minseekr.model import ModelArgs
-from minseekr.peft import read_method
-from minseekr.pet import FILE, attach_saved
-from minseekr.pseudo import frame, released
+from minseekr.evaluation.data import Task
+from minseekr.evaluation.scoring import prompt_room
+from minseekr.evaluation.synthetic import make_records, train_tokenizer
+from minseekr.methods.peft import read_method
+from minseekr.methods.pet import FILE, attach_saved
+from minseekr.methods.pseudo import frame, released
+from minseekr.methods.sapt import SAPT
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.generate import generate
+from minseekr.network.model import ModelArgs
+from minseekr.network.tokenizer import Tokenizer
+from minseekr.run.config import ContinualConfig
+from minseekr.run.trainer import ContinualTrainer
 from minseekr.runtime import InputError
-from minseekr.sapt import SAPT
-from minseekr.synthetic import make_records, train_tokenizer
-from minseekr.tokenizer import Tokenizer
 
 sys.path.insert(0, str(ROOT / "tools"))
 import sapt_routing  # noqa: E402

@@ -4,7 +4,7 @@ import json
 import pytest
 from conftest import shared_path
 
-from minseekr.tokenizer import IGNORE, Tokenizer
+from minseekr.network.tokenizer import IGNORE, Tokenizer
 
 
 @pytest.fixture(scope="module")

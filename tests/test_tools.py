@@ -6,8 +6,8 @@ import sys
 import pytest
 from conftest import ROOT, shared_path
 
-from minseekr.heads import HeadScores
 from minseekr.runtime import InputError
+from minseekr.seekr.heads import HeadScores
 
 sys.path.insert(0, str(ROOT / "tools"))
 import head_maps as tool  # noqa: E402

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minseekr.fsdp import FSDP
-from minseekr.fsdp_torch import apply_torch_fsdp, decay_groups
-from minseekr.model import ModelArgs, Transformer, token_losses
+from minseekr.engines.fsdp import FSDP
+from minseekr.engines.fsdp_torch import apply_torch_fsdp, decay_groups
+from minseekr.network.model import ModelArgs, Transformer, token_losses
 
 LR, MAX_NORM = 1e-4, 1.0
 

@@ -4,7 +4,7 @@
 
 Each route starts from the layer's post-RoPE q, k, v (B, H, S, d) and computes the layer's
 attention output plus the KL of `--selected` heads at `--rows` sampled query rows, then backward:
-- fused:    SDPA for the output, `attention_kl` on the sampled rows (minseekr.kl);
+- fused:    SDPA for the output, `attention_kl` on the sampled rows (minseekr.seekr.kl);
 - naive:    SDPA for the output, the selected heads' full (B, h, S, S) masked softmax with autograd,
             rows picked afterwards, F.kl_div (the test reference);
 - official: eager attention for the whole layer (every head's post-softmax map, softmax in fp32 cast
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dispatched import Dispatched
-from minseekr.kl import CHUNK_ELEMENTS, attention_kl
+from minseekr.seekr.kl import CHUNK_ELEMENTS, attention_kl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

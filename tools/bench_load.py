@@ -23,7 +23,7 @@ from pathlib import Path
 CHILD = {
     "minseekr": """
 import json, sys, time, torch
-from minseekr.checkpoint import load_hf
+from minseekr.network.checkpoint import load_hf
 {peak}
 base = peak(); t = time.perf_counter()
 model = load_hf(sys.argv[1], device=sys.argv[2], dtype=None if sys.argv[3] == "auto" else getattr(torch, sys.argv[3]))

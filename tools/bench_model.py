@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.model import ModelArgs, Transformer
 
 
 def add_model_flags(p, n_kv_heads: int):

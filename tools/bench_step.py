@@ -34,9 +34,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench_model import add_model_flags, build, cpu_memory, cuda_memory, peak_rss, sync
 from dispatched import Dispatched
-from minseekr.heads import sample_query_rows
-from minseekr.kl import AttentionKL, logit_kl
-from minseekr.model import token_losses
+from minseekr.network.model import token_losses
+from minseekr.seekr.distill import logit_kl
+from minseekr.seekr.heads import sample_query_rows
+from minseekr.seekr.kl import AttentionKL
 
 ROUTES = ("CE", "CE unpadded", "DER++", "SEEKR", "HF sdpa CE", "official")
 RATIOS = {"SEEKR / DER++": ("SEEKR", "DER++"), "CE padded / unpadded": ("CE", "CE unpadded"),

@@ -5,7 +5,7 @@
     python tools/buffer_size.py --attn-bytes 1                # attention rows in float8_e5m2 (--attn-dtype)
 
 Official (notes §3): fp32 logits over the full vocabulary at every position of the task's padded length L_k,
-plus bf16 attention rows of the selected heads over L_k keys. minseekr (minseekr/buffer.py), signals in
+plus bf16 attention rows of the selected heads over L_k keys. minseekr (minseekr/seekr/buffer.py), signals in
 `--dtype-bytes`: the teacher's distributions that predict the a labelled tokens, either all V logits or the
 top-k log-probabilities with their token ids (2 bytes while V fits int16, else 4), plus each attention row's
 causal prefix only. Query rows are drawn uniformly among the n positions, so a row keeps (n+1)/2 keys on

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from minseekr.checkpoint import write_hf
-from minseekr.model import ModelArgs, interleaved_to_half
+from minseekr.network.checkpoint import write_hf
+from minseekr.network.model import ModelArgs, interleaved_to_half
 from minseekr.runtime import InputError, atomic_write
 
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minseekr.checkpoint import save_hf
-from minseekr.model import ModelArgs, Transformer, interleaved_to_half
+from minseekr.network.checkpoint import save_hf
+from minseekr.network.model import ModelArgs, Transformer, interleaved_to_half
 
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 NORM_EPS, ROPE_THETA = 1e-5, 10000.0  # hard-coded in llama2.c's run.c and model.py

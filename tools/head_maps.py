@@ -8,7 +8,7 @@
 from M_{k-1} → M_k; at most two models are loaded at once. Written to --out:
 - importance.png: the importance I = S·F of every head, layers × heads (Fig. 5);
 - variation.png: the histogram of every head's cumulative attention variation F (Fig. 4);
-- head_scores.safetensors: the per-task S^k and F^k (`minseekr.heads.HeadScores`).
+- head_scores.safetensors: the per-task S^k and F^k (`minseekr.seekr.heads.HeadScores`).
 The heads selected with --layer-budget/--head-budget are printed: by default the paper's proportions of LLaMA-2-7B's
 32 layers × 32 heads (B_L = 24 of 32 layers, B_H = 128 of 1024 heads) for the model at hand; budgets that select
 every head are refused (the map would mark them all). `head_maps()` does the same for models and batches already in
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from minseekr.checkpoint import load_hf
-from minseekr.figures import draw
-from minseekr.heads import HeadScores, forgettability, sample_query_rows, task_sensitivity
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.tokenizer import Tokenizer
 from minseekr.runtime import InputError
-from minseekr.tokenizer import Tokenizer
+from minseekr.seekr.figures import draw
+from minseekr.seekr.heads import HeadScores, forgettability, sample_query_rows, task_sensitivity
 
 
 def task_batches(task_dir, tokenizer, n_samples, max_len, batch_size):

@@ -5,7 +5,7 @@
     python tools/memory_model.py --gpus 16                         # two nodes: prints the multi-node command
 
 A model, not a measurement. Each row is a formula over `ModelArgs` shapes (parameter counts come from the model
-built on the meta device), the engine's memory formula (minseekr/fsdp.py's docstring) and what each op saves for
+built on the meta device), the engine's memory formula (minseekr/engines/fsdp.py's docstring) and what each op saves for
 backward. The per-block activation bytes are checked against autograd: tests/test_memory_model.py counts the
 tensors a bf16 `Block` saves on the CPU. Notation: P parameters, N ranks, U the largest block unit, R the root
 unit (embeddings, final norm, lm_head), c = 2 bytes (bf16 compute), B sequences per rank per micro-step, S the
@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from minseekr.kl import CHUNK_ELEMENTS
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.seekr.kl import CHUNK_ELEMENTS
 
 BF16, FP32 = 2, 4
 GiB = 2**30

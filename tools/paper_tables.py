@@ -40,15 +40,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_experiment import KEEP, ROOT, figure, flags, launch, remove, spread  # noqa: E402
 
-from minseekr.checkpoint import load_hf, read_args  # noqa: E402
-from minseekr.config import preset  # noqa: E402
-from minseekr.data import ORDERS  # noqa: E402
-from minseekr.demo import PET_SETTINGS  # noqa: E402
-from minseekr.metrics import format_matrix, general_ability  # noqa: E402
-from minseekr.pet import attach_saved  # noqa: E402
-from minseekr.rundir import RunDir  # noqa: E402
+from minseekr.evaluation.data import ORDERS  # noqa: E402
+from minseekr.evaluation.metrics import format_matrix, general_ability  # noqa: E402
+from minseekr.methods.pet import attach_saved  # noqa: E402
+from minseekr.network.checkpoint import load_hf, read_args  # noqa: E402
+from minseekr.network.tokenizer import Tokenizer, find_tokenizer  # noqa: E402
+from minseekr.run.config import preset  # noqa: E402
+from minseekr.run.demo import PET_SETTINGS  # noqa: E402
+from minseekr.run.rundir import RunDir  # noqa: E402
 from minseekr.runtime import atomic_write  # noqa: E402
-from minseekr.tokenizer import Tokenizer, find_tokenizer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Scale:
     max_prompt_len: int = 1024
     max_new_tokens: int = 512
     replay: tuple = (10, 100)          # samples kept a task at "1%" and "10%": the paper's share of 1000
-    general: str = "mmlu,boolq,piqa,gsm8k,bbh"   # Table 2's benchmarks (its TydiQA is not in minseekr/general.py)
+    general: str = "mmlu,boolq,piqa,gsm8k,bbh"   # Table 2's benchmarks (its TydiQA is not in minseekr/evaluation/general.py)
     general_samples: int = 0           # items per benchmark (0: all)
     general_max_new_tokens: int = 256
     general_batch: int = 16            # sequences per generation batch of GSM8K and BBH
@@ -196,8 +196,8 @@ def probe_child(out_file: str, train_argv: list[str]):
 
 
 def general_child(spec: dict):
-    """One model's general ability (minseekr/general.py's score_general) into spec["out"]."""
-    from minseekr.general import score_general
+    """One model's general ability (minseekr/evaluation/general.py's score_general) into spec["out"]."""
+    from minseekr.evaluation.general import score_general
     torch.set_num_threads(1)
     model = attach_saved(load_hf(spec["model"], dtype=torch.bfloat16 if spec["device"] == "cuda" else None,
                                  device=spec["device"]), spec["model"])
@@ -207,13 +207,13 @@ def general_child(spec: dict):
 
 
 def general_ready() -> str:
-    """"" when minseekr/general.py offers score_general; else why the general-ability step is skipped."""
+    """"" when minseekr/evaluation/general.py offers score_general; else why the general-ability step is skipped."""
     try:
-        import minseekr.general as general
+        import minseekr.evaluation.general as general
     except ImportError as e:
-        return f"general ability skipped: minseekr/general.py has no score_general yet ({e})"
+        return f"general ability skipped: minseekr/evaluation/general.py has no score_general yet ({e})"
     return "" if hasattr(general, "score_general") else \
-        "general ability skipped: minseekr/general.py has no score_general yet"
+        "general ability skipped: minseekr/evaluation/general.py has no score_general yet"
 
 
 # ---- packing runs onto the device ----------------------------------------------------------------------------------
@@ -509,13 +509,13 @@ def main(argv=None):
     written.write_text(json.dumps(settings, indent=1))
     args = read_args(a.model)
     shape = (args.n_layers, args.n_heads)
-    # Table 2's step: skipped, with a message, where minseekr/general.py cannot score yet
+    # Table 2's step: skipped, with a message, where minseekr/evaluation/general.py cannot score yet
     a.score_general = bool(scale.general and set(a.configs) & set(GENERAL))
     if a.score_general and (skipped := general_ready()):
         print(skipped)
         a.score_general = False
     if a.score_general:
-        from minseekr.general import data_root
+        from minseekr.evaluation.general import data_root
         a.general_data = str(data_root(a.general_data))
     jobs = [(o, c, s) for o in a.orders for c in a.configs for s in a.seeds]
     base = out / "general-base.json"

@@ -38,15 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minseekr.checkpoint import load_hf  # noqa: E402
-from minseekr.data import load_sequence  # noqa: E402
-from minseekr.demo import draw_importance  # noqa: E402
-from minseekr.evaluation import evaluate  # noqa: E402
-from minseekr.grafting import Grafted  # noqa: E402
-from minseekr.heads import random_heads  # noqa: E402
-from minseekr.metrics import format_matrix  # noqa: E402
-from minseekr.rundir import RunDir  # noqa: E402
-from minseekr.tokenizer import Tokenizer, find_tokenizer  # noqa: E402
+from minseekr.evaluation.data import load_sequence  # noqa: E402
+from minseekr.evaluation.metrics import format_matrix  # noqa: E402
+from minseekr.evaluation.scoring import evaluate  # noqa: E402
+from minseekr.network.checkpoint import load_hf  # noqa: E402
+from minseekr.network.tokenizer import Tokenizer, find_tokenizer  # noqa: E402
+from minseekr.run.demo import draw_importance  # noqa: E402
+from minseekr.run.rundir import RunDir  # noqa: E402
+from minseekr.seekr.grafting import Grafted  # noqa: E402
+from minseekr.seekr.heads import random_heads  # noqa: E402
 
 # The task order: short prompts (median 102, 84 and 43 tokens with the SmolLM2 tokenizer), three task types
 # (information extraction, classification, question answering) whose answers conflict in form: "word1 Relation

@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minseekr.checkpoint import load_hf  # noqa: E402
-from minseekr.config import ContinualConfig, RunConfig, read_settings  # noqa: E402
-from minseekr.data import format_prompts, load_sequence, parse_order  # noqa: E402
-from minseekr.evaluation import prompt_room  # noqa: E402
-from minseekr.pet import FILE, saved_method  # noqa: E402
-from minseekr.rundir import RunDir  # noqa: E402
+from minseekr.evaluation.data import format_prompts, load_sequence, parse_order  # noqa: E402
+from minseekr.evaluation.scoring import prompt_room  # noqa: E402
+from minseekr.methods.pet import FILE, saved_method  # noqa: E402
+from minseekr.methods.sapt import SAPT  # noqa: E402
+from minseekr.network.checkpoint import load_hf  # noqa: E402
+from minseekr.network.tokenizer import Tokenizer, find_tokenizer  # noqa: E402
+from minseekr.run.config import ContinualConfig, RunConfig, read_settings  # noqa: E402
+from minseekr.run.rundir import RunDir  # noqa: E402
 from minseekr.runtime import InputError, exit_on_input_errors  # noqa: E402
-from minseekr.sapt import SAPT  # noqa: E402
-from minseekr.tokenizer import Tokenizer, find_tokenizer  # noqa: E402
 
 
 def summary(w) -> dict:

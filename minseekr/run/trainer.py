@@ -8,10 +8,10 @@ between tasks:
     derpp   replayed samples get λ1·CE + (1−λ1)·KL(teacher logits ‖ student logits) (Eq. 3, mixed as Eq. 13)
     seekr   derpp + λ2 · attention distillation on the selected heads at the sampled rows (Eq. 12, 13)
     lwf     + lwf_weight · KL(θ_{k−1} ‖ θ) on the new task's answer tokens (θ_{k−1} a frozen sharded copy)
-    ewc     + online EWC's penalty (minseekr/baselines.py)
+    ewc     + online EWC's penalty (minseekr/methods/ewc.py)
     mtl     one stage of joint training on every task (the upper bound; R has one row)
-    olora   the model frozen, a new LoRA per task orthogonal to the earlier ones' (minseekr/olora.py)
-    pp      the model frozen, a new soft prompt per task read before the earlier ones' (minseekr/pp.py)
+    olora   the model frozen, a new LoRA per task orthogonal to the earlier ones' (minseekr/methods/olora.py)
+    pp      the model frozen, a new soft prompt per task read before the earlier ones' (minseekr/methods/pp.py)
     l2p     the model frozen, a pool of prompts with keys, the nearest to each input read before it (l2p.py)
     lfpt5   the model frozen, one prompt that also learns to write the task's samples; it replays samples the
             model writes of earlier tasks, distilling their stored logits with LFPT5's weights (lfpt5.py)
@@ -56,22 +56,24 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from minseekr import heads, pet, pseudo
-from minseekr.baselines import EWC
-from minseekr.batches import device_batch, encode, index_batches, interleave, my_part, n_labels
-from minseekr.buffer import TaskMemory, write_task
-from minseekr.checkpoint import HFCheckpoint, load_hf
-from minseekr.config import METHODS, ContinualConfig
-from minseekr.engine import build_engine, export_hf, load_engine
-from minseekr.evaluation import evaluate
-from minseekr.fingerprint import across_ranks, changes, fingerprint
-from minseekr.kl import AttentionKL, logit_kl, logit_mse, teacher_signals
-from minseekr.model import Transformer, token_losses
-from minseekr.peft import ReplicatedAdamW, freeze
-from minseekr.resume import LATEST, META, Position, latest_point, load_sharded, write_point
-from minseekr.rundir import RunDir, summarize
+from minseekr.engines.engine import build_engine, export_hf, load_engine
+from minseekr.evaluation.scoring import evaluate
+from minseekr.methods import pet, pseudo
+from minseekr.methods.ewc import EWC
+from minseekr.methods.peft import ReplicatedAdamW, freeze
+from minseekr.network.checkpoint import HFCheckpoint, load_hf
+from minseekr.network.model import Transformer, token_losses
+from minseekr.run.batches import device_batch, encode, index_batches, interleave, my_part, n_labels
+from minseekr.run.config import METHODS, ContinualConfig
+from minseekr.run.fingerprint import across_ranks, changes, fingerprint
+from minseekr.run.resume import LATEST, META, Position, latest_point, load_sharded, write_point
+from minseekr.run.rundir import RunDir, summarize
 from minseekr.runtime import (InputError, NonFiniteError, all_reduce, atomic_write, disk_space, first_error, gather,
                               together)
+from minseekr.seekr import heads
+from minseekr.seekr.buffer import TaskMemory, write_task
+from minseekr.seekr.distill import logit_kl, logit_mse, teacher_signals
+from minseekr.seekr.kl import AttentionKL
 
 
 class ContinualTrainer:

@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from minseekr.metrics import backward_transfer, forward_transfer, overall_performance
+from minseekr.evaluation.metrics import backward_transfer, forward_transfer, overall_performance
 from minseekr.runtime import DiskFullError, InputError, atomic_write, first_error
 
 # runtime.atomic_write's and checkpoint.write_hf's temporary names (.NAME.tmpPID), and safetensors' own (.tmpXXXXXX)

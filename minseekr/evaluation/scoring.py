@@ -2,9 +2,9 @@
 import torch
 from tqdm import tqdm
 
-from minseekr.data import extract_answer
-from minseekr.generate import generate
-from minseekr.metrics import score
+from minseekr.evaluation.data import extract_answer
+from minseekr.evaluation.metrics import score
+from minseekr.network.generate import generate
 from minseekr.runtime import InputError, gather, rank_world
 
 

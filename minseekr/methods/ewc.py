@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minseekr.network.model import sequence_loss
 from minseekr.runtime import InputError, all_reduce, atomic_write
-from minseekr.model import sequence_loss
 
 
 class EWC:

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minseekr.peft import LoRA, LoRABank, PETMethod, load_method, read_method
+from minseekr.methods.peft import LoRA, LoRABank, PETMethod, load_method, read_method
 
 HIDDEN = 100   # the transform's width (their `trans_hidden_dim`)
 

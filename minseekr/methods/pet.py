@@ -19,14 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.config import METHODS
-from minseekr.l2p import L2P
-from minseekr.lfpt5 import LFPT5
-from minseekr.olora import OLoRA
-from minseekr.peft import load_method, read_method
-from minseekr.pp import ProgressivePrompts
+from minseekr.methods.l2p import L2P
+from minseekr.methods.lfpt5 import LFPT5
+from minseekr.methods.olora import OLoRA
+from minseekr.methods.peft import load_method, read_method
+from minseekr.methods.pp import ProgressivePrompts
+from minseekr.methods.sapt import SAPT
+from minseekr.run.config import METHODS
 from minseekr.runtime import InputError, atomic_write, read_json
-from minseekr.sapt import SAPT
 
 PET = {"olora": OLoRA, "pp": ProgressivePrompts, "l2p": L2P, "lfpt5": LFPT5, "sapt": SAPT}
 FILE = "method.safetensors"

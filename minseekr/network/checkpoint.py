@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
-from minseekr.model import ModelArgs, Transformer
+from minseekr.network.model import ModelArgs, Transformer
 from minseekr.runtime import InputError, atomic_write, disk_space, read_json, umask
 
 SINGLE_FILE = "model.safetensors"

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 
-from minseekr.peft import PROJECTIONS
+from minseekr.methods.peft import PROJECTIONS
 from minseekr.runtime import InputError, read_json
 
 

@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from minseekr.checkpoint import load_hf
-from minseekr.config import METHOD_DEFAULTS, METHODS, resolve
-from minseekr.continual import ContinualTrainer
-from minseekr.data import Task
-from minseekr.engine import build_engine, export_hf
-from minseekr.figures import draw
-from minseekr.heads import HeadScores
-from minseekr.metrics import format_matrix, format_summary
-from minseekr.model import ModelArgs, Transformer
+from minseekr.engines.engine import build_engine, export_hf
+from minseekr.evaluation.data import Task
+from minseekr.evaluation.metrics import format_matrix, format_summary
+from minseekr.evaluation.synthetic import make_records, train_tokenizer
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.model import ModelArgs, Transformer
+from minseekr.network.tokenizer import Tokenizer
+from minseekr.run.config import METHOD_DEFAULTS, METHODS, resolve
+from minseekr.run.trainer import ContinualTrainer
 from minseekr.runtime import InputError, atomic_write, init_distributed, print0
-from minseekr.synthetic import make_records, train_tokenizer
-from minseekr.tokenizer import Tokenizer
+from minseekr.seekr.figures import draw
+from minseekr.seekr.heads import HeadScores
 
 TASKS = ["rev", "rot", "swp", "evn"]
 # θ_0: a shape that learns the four permutations jointly (MTL), pre-trained on `cpy` until it copies.
@@ -71,8 +71,9 @@ def fingerprint(base: dict, model: dict, device: str) -> str:
     and the CPU kernel path in use."""
     kernels = [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS", "")]
     digest = hashlib.sha256(json.dumps([base, model, device, torch.__version__, kernels], sort_keys=True).encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.name.encode() + source.read_bytes())
+    package = Path(__file__).resolve().parents[1]
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + source.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -37,7 +37,7 @@ Where this differs from theirs, with their values:
 """
 import torch
 
-from minseekr.peft import LoRA, LoRABank, PETMethod, load_method, read_method
+from minseekr.methods.peft import LoRA, LoRABank, PETMethod, load_method, read_method
 
 
 class OLoRA(PETMethod):

@@ -14,7 +14,7 @@ column is fed `pad_id` with mask 0 and ignored; the loop ends when all sequences
 """
 import torch
 
-from minseekr.model import KVCache
+from minseekr.network.model import KVCache
 
 
 def next_token(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None, top_k: int = 0,

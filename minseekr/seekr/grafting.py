@@ -11,7 +11,7 @@ outputs by source's maps times final's values.
 """
 import torch
 
-from minseekr.model import KVCache
+from minseekr.network.model import KVCache
 
 
 class Grafted(torch.nn.Module):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from minseekr.data import DataError
-from minseekr.generate import generate
+from minseekr.evaluation.data import DataError
+from minseekr.network.generate import generate
 
 
 def frame(prompts: list[str]) -> tuple[str, str]:

@@ -5,7 +5,7 @@ takes every world-th sample of a global micro-batch (`my_part`).
 """
 import torch
 
-from minseekr.buffer import collate
+from minseekr.seekr.buffer import collate
 
 
 def encode(tokenizer, records, max_len) -> list[dict]:

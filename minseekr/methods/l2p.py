@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minseekr.peft import PETMethod, load_method, read_method
+from minseekr.methods.peft import PETMethod, load_method, read_method
 
 
 class L2P(PETMethod):

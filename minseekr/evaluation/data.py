@@ -11,7 +11,7 @@ before training starts, with one message naming the file, the record and the pro
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minseekr.metrics import task_metric
+from minseekr.evaluation.metrics import task_metric
 from minseekr.runtime import InputError, read_json
 
 SPLITS = ("train", "eval", "test")

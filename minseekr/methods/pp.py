@@ -43,7 +43,7 @@ right after task k needs both); `load` folds that MLP in, and so does `begin_tas
 import torch
 import torch.nn as nn
 
-from minseekr.peft import PETMethod, load_method, read_method
+from minseekr.methods.peft import PETMethod, load_method, read_method
 
 
 class ResidualMLP(nn.Module):

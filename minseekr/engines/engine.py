@@ -8,9 +8,9 @@ never holds the whole model; FSDP2 loads it whole first (its `fully_shard` shard
 """
 import torch
 
-from minseekr.checkpoint import HFCheckpoint, load_hf, meta_model, write_hf
-from minseekr.fsdp import FSDP
-from minseekr.fsdp_torch import TorchFSDP
+from minseekr.engines.fsdp import FSDP
+from minseekr.engines.fsdp_torch import TorchFSDP
+from minseekr.network.checkpoint import HFCheckpoint, load_hf, meta_model, write_hf
 from minseekr.runtime import init_distributed, together
 
 ENGINES = {"minseekr": FSDP, "torch": TorchFSDP}

@@ -61,7 +61,7 @@ scores.
 import torch
 import torch.nn as nn
 
-from minseekr.peft import PETMethod, load_method, read_method
+from minseekr.methods.peft import PETMethod, load_method, read_method
 
 
 class LFPT5(PETMethod):

@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minseekr.generate import generate
-from minseekr.metrics import delta_general_ability, general_ability
+from minseekr.evaluation.metrics import delta_general_ability, general_ability
+from minseekr.network.generate import generate
 from minseekr.runtime import InputError, gather, rank_world, read_json
 
 BENCHMARKS = ("mmlu", "boolq", "piqa", "gsm8k", "bbh")
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "general"   # ../shared beside the project
+DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "general"   # ../shared beside the project
 FILES = {"mmlu": "mmlu/test.jsonl", "boolq": "boolq/dev.jsonl", "piqa": "piqa/valid.jsonl",
          "gsm8k": "gsm8k/test.jsonl", "gsm8k-shots": "gsm8k/fewshot.jsonl"}
 BBH_TASKS = (

@@ -38,9 +38,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minseekr.kl import CHUNK_ELEMENTS, attention_rows, query_rows
-from minseekr.model import sequence_loss
+from minseekr.network.model import sequence_loss
 from minseekr.runtime import InputError, atomic_write
+from minseekr.seekr.kl import CHUNK_ELEMENTS, attention_rows, query_rows
 
 NORMS = ("frobenius", "mean_square")
 ENTRIES = ("valid", "all")

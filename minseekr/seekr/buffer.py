@@ -23,9 +23,9 @@ is exactly zero. On disk each row keeps that prefix, the T prefixes concatenated
 expands them back to the dense (|H|, T, n) rows, zeros beyond each prefix, that the trainer distils.
 Rows may repeat and come in any order; each occurrence is stored.
 
-With `topk=k` (`kl.teacher_signals`) the teacher's distribution over V tokens is cut to its k most likely
+With `topk=k` (`distill.teacher_signals`) the teacher's distribution over V tokens is cut to its k most likely
 tokens: ids (int16 while V fits, else int32) and log-probabilities of the full-vocabulary softmax.
-`kl.logit_kl` then compares teacher and student on k + 1 buckets, those tokens and the rest (exact when k = V).
+`distill.logit_kl` then compares teacher and student on k + 1 buckets, those tokens and the rest (exact when k = V).
 
 Bytes per sample, signals in bf16: 2·a·V (full logits) or a·k·(2 + 2) (top-k, 4-byte ids when
 V > 32767), plus 2·|H|·Σ_t (rows[t]+1) ≈ |H|·B_T·(n+1) (attention: rows drawn uniformly average
