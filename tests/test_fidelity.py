@@ -219,7 +219,7 @@ def test_the_official_preset_sizes_r_k_as_the_official_code_with_int(tok, tmp_pa
     tasks = [Task(t, make_records(t, 150, 0), [], make_records(t, 2, 1)) for t in ("rev", "rot")]
     sizes = {rounding: ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks,
                                         cfg("derpp", replay_ratio=0.01, replay_rounding=rounding), tmp_path / rounding)
-             .replay_size(0) for rounding in ("round", "floor")}
+             .memory.replay_size(0) for rounding in ("round", "floor")}
     assert sizes == {"round": 2, "floor": 1}
     assert preset("official", 0.01, 32)["replay_rounding"] == "floor"
     assert preset("paper", 0.01, 32)["replay_rounding"] == "round" == ContinualConfig().replay_rounding

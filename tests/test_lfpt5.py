@@ -35,7 +35,7 @@ def lfpt5_step(tok, tmp_path, replayed: bool, kd: float, gen_weight: float):
     cfg = ContinualConfig(method="lfpt5", lr=1e-2, batch_size=4, epochs=[1], max_len=32, prompt_tokens=3,
                           lfpt5_gen_weight=gen_weight, lfpt5_kd=kd)
     trainer = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path)
-    trainer.pet.begin_task(0, trainer.embedding_rows)
+    trainer.method.pet.begin_task(0, trainer.method.embedding_rows)
     samples = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
                for ids, labels in (tok.encode_example(r["prompt"], r["answer"], 32) for r in tasks[0].train[:4])]
     answers = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
@@ -46,7 +46,7 @@ def lfpt5_step(tok, tmp_path, replayed: bool, kd: float, gen_weight: float):
     terms = trainer.micro_step(samples, 1.0, {"tokens": answers, "samples": 4, "rows": 0, "lm": lm},
                                memory="task 0's pseudo-samples" if replayed else None)
     assert all(not p.requires_grad for p in trainer.model.parameters())   # the model frozen, the prompt trained
-    return samples, trainer.pet.prompt.detach().clone(), terms, trainer.pet.prompt.grad.clone()
+    return samples, trainer.method.pet.prompt.detach().clone(), terms, trainer.method.pet.prompt.grad.clone()
 
 
 def naive_lfpt5(tok, samples, prompt, kd: float, gen_weight: float):

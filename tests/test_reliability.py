@@ -155,14 +155,14 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_resume_point(t
 
 
 def test_nan_teacher_signals_leave_no_buffer(tok, tmp_path, monkeypatch):
-    import minseekr.run.trainer as continual
+    import minseekr.run.memory as memory_module
 
     def nan_teacher(*args, **kwargs):
         signals = teacher_signals(*args, **kwargs)
         signals[1]["logits"][0, 0] = float("nan")
         return signals
 
-    monkeypatch.setattr(continual, "teacher_signals", nan_teacher)
+    monkeypatch.setattr(memory_module, "teacher_signals", nan_teacher)
     with pytest.raises(NonFiniteError, match=r"task 0 \(rev\): θ_k's logits of replay sample 1 holds NaN"):
         ContinualTrainer(tiny_model(tok.vocab_size), tok, toy_tasks(), cfg(), tmp_path,
                          eval_fn=lambda model, task: 0.0).run_all()

@@ -183,22 +183,22 @@ def test_arms_pseudo_inputs_are_pooled_with_eos_and_the_routing_queries_without(
     tasks = [Task(t, make_records(t, 8, 0), make_records(t, 3, 2), make_records(t, 2, 1)) for t in ("rev", "rot")]
     trainer = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, ContinualConfig(method="sapt"),
                                tmp_path / "run", spec={"data": str(tmp_path / "data")})
-    trainer.pet.begin_task(0)
+    trainer.method.pet.begin_task(0)
     (tmp_path / "task01").mkdir()
-    trainer.remember(0, tmp_path / "task01")
+    trainer.method.remember(0, tmp_path / "task01", trainer)
     E = tiny_model(tok.vocab_size).model.embed_tokens.weight.detach()
     pooled = lambda ids: E[ids].max(0).values   # noqa: E731
     with_eos = torch.stack([pooled(tok.prompt(p, 1024) + [tok.eos_id]) for p in ("rev:cab=", "rev:b=")])
     without = torch.stack([pooled(tok.prompt(p, 1024)) for p in ("rev:cab=", "rev:b=")])
     assert not torch.equal(with_eos, without)                     # EOS changes these queries
-    torch.testing.assert_close(trainer.pet.pseudo[0], with_eos)
+    torch.testing.assert_close(trainer.method.pet.pseudo[0], with_eos)
     read = read_method(tmp_path / "task01" / FILE)[1]             # and the checkpoint keeps them
     torch.testing.assert_close(read["pseudo0"], with_eos)
     # w̄ with a second task: the held-out (eval) prompts' mean weights, queried without EOS
-    trainer.pet.begin_task(1)
-    trainer.pet.end_task(1, trainer.prompt_embeddings([r["prompt"] for r in tasks[1].eval]), iter(()))
+    trainer.method.pet.begin_task(1)
+    trainer.method.pet.end_task(1, trainer.method.prompt_embeddings(tok, [r["prompt"] for r in tasks[1].eval]), iter(()))
     held_out = torch.stack([pooled(tok.prompt(r["prompt"], 1024)) for r in tasks[1].eval])
-    torch.testing.assert_close(trainer.pet.anchors[1], trainer.pet.weights(held_out).mean(0).detach())
+    torch.testing.assert_close(trainer.method.pet.anchors[1], trainer.method.pet.weights(held_out).mean(0).detach())
 
 
 def test_a_missing_pseudo_input_folder_stops_the_run_before_training(tmp_path):
@@ -211,9 +211,9 @@ def test_a_missing_pseudo_input_folder_stops_the_run_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
     # and a task of which the model wrote no pseudo-input keeps an empty memory
     trainer = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, ContinualConfig(method="sapt"), tmp_path / "r")
-    trainer.pet.begin_task(0)
-    trainer.pet.end_task(0, trainer.prompt_embeddings(["rev:abc="]), trainer.prompt_embeddings([]))
-    assert trainer.pet.pseudo[0].shape == (0, 32) and trainer.pet.anchors[0].tolist() == [1.0]
+    trainer.method.pet.begin_task(0)
+    trainer.method.pet.end_task(0, trainer.method.prompt_embeddings(tok, ["rev:abc="]), trainer.method.prompt_embeddings(tok, []))
+    assert trainer.method.pet.pseudo[0].shape == (0, 32) and trainer.method.pet.anchors[0].tolist() == [1.0]
 
 
 def test_a_task_without_pseudo_inputs_adds_nothing_to_arm():

@@ -1,6 +1,6 @@
 """The parameter-efficient methods by name, and the one way a checkpoint's method file goes back onto a model.
 
-A PET method trains only its own parameters beside the frozen model (`config.Method.adapts`). A task checkpoint
+A PET method trains only its own parameters beside the frozen model (`table.Method.adapts`). A task checkpoint
 holds the base model's HF files and, beside them, the method's parameters (`FILE`); whoever evaluates or
 generates from the checkpoint puts the method back with `attach_saved`, so its full forward always runs.
 
@@ -25,7 +25,7 @@ from minseekr.methods.olora import OLoRA
 from minseekr.methods.peft import load_method, read_method
 from minseekr.methods.pp import ProgressivePrompts
 from minseekr.methods.sapt import SAPT
-from minseekr.run.config import METHODS
+from minseekr.methods.table import METHODS
 from minseekr.runtime import InputError, atomic_write, read_json
 
 PET = {"olora": OLoRA, "pp": ProgressivePrompts, "l2p": L2P, "lfpt5": LFPT5, "sapt": SAPT}

@@ -5,8 +5,6 @@ takes every world-th sample of a global micro-batch (`my_part`).
 """
 import torch
 
-from minseekr.seekr.buffer import collate
-
 
 def encode(tokenizer, records, max_len) -> list[dict]:
     """TRACE training encoding of {"prompt", "answer"} records as tensors."""
@@ -36,15 +34,6 @@ def my_part(items, rank, world):
     forwards (FSDP gathers weights collectively), so an empty share runs the batch's first item with weight 0."""
     mine = items[rank::world]
     return (mine, 1.0) if mine else (items[:1], 0.0)
-
-
-def to_device(batch, device):
-    return {key: t.to(device) for key, t in batch.items()}
-
-
-def device_batch(samples, pad_id, device):
-    """Samples collated into one right-padded batch on `device`."""
-    return to_device(collate(samples, pad_id), device)
 
 
 def n_labels(labels) -> int:

@@ -220,3 +220,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         batch["teacher_topk_ids"] = torch.cat([s["topk_ids"] for s in samples]).long()       # (N, k)
         batch["teacher_topk_logp"] = torch.cat([s["topk_logp"] for s in samples])           # (N, k)
     return batch
+
+
+def device_batch(samples: list[dict], pad_id: int, device) -> dict:
+    """Samples collated into one right-padded batch on `device`."""
+    return {key: t.to(device) for key, t in collate(samples, pad_id).items()}

@@ -248,7 +248,7 @@ class _HeadProbe:
 
     def __init__(self, heads: list[tuple[int, int]], rows, key_mask, S: int, chunk_elements: int):
         _check_rows(rows, key_mask, S)
-        self.rows, self.slots, self.heads = rows, {}, {}
+        self.pairs, self.rows, self.slots, self.heads = list(heads), rows, {}, {}
         self.hidden = _hidden_keys(rows, key_mask, S)                            # (B, 1, T, S)
         self.block, self.chunk_elements = rows.shape[0] * rows.shape[1] * S, chunk_elements
         for i, (layer, head) in enumerate(heads):
