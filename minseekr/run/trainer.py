@@ -127,8 +127,9 @@ class ContinualTrainer:
             seen = n_tasks if self.joint else min(s + 2, n_tasks)
             self.R.append(self.evaluate_checkpoint(path, range(seen)) + [None] * (n_tasks - seen))
             if self.rank == 0:
-                self.log({"task": s, "name": "mtl" if self.joint else self.tasks[s].name, "scores": self.R[s][:seen],
-                          "heads": self.memory.selected, "seconds": round(time.time() - start, 1)})
+                name = self.cfg.method if self.joint else self.tasks[s].name   # MTL's one stage is named by its method
+                self.log({"task": s, "name": name, "scores": self.R[s][:seen], "heads": self.memory.selected,
+                          "seconds": round(time.time() - start, 1)})
             self.save_resume(Position(s + 1))
             shutil.rmtree(self.run.snapshot(s, self.rank), ignore_errors=True)   # needed until this point exists
         summary = summarize(self.R, self.base, [t.name for t in self.tasks], self.cfg.method, self.joint,
