@@ -18,6 +18,7 @@ from minseekr.run.demo import PET_SETTINGS
 from minseekr.run.rundir import RunDir
 
 sys.path.insert(0, str(ROOT / "tools"))
+import paper_summary as ps  # noqa: E402
 import paper_tables as pt  # noqa: E402
 
 SUPERNI = ("task363_sst2_polarity_classification", "task1510_evalution_relation_extraction",
@@ -72,13 +73,13 @@ def test_the_papers_numbers_are_its_tables_as_printed():
              "Replay (1%)": "replay1", "DER++ (1%)": "derpp1", "SEEKR (1%)": "seekr1"}
     assert len(table3) == len(names) + 1                     # and MTL, printed "61\t.27" across the two columns
     for row, config in names.items():
-        assert [*pt.PAPER_TABLE3[config]["order3"], *pt.PAPER_TABLE3[config]["order4"]] == table3[row]
-    assert pt.PAPER_TABLE3["mtl"] == {"order3": (61.27, None), "order4": (61.27, None)}
+        assert [*ps.PAPER_TABLE3[config]["order3"], *ps.PAPER_TABLE3[config]["order4"]] == table3[row]
+    assert ps.PAPER_TABLE3["mtl"] == {"order3": (61.27, None), "order4": (61.27, None)}
     table2 = paper_rows(text, "\tMMLU\tGSM", "Vicuna-7B-v1.5")
     columns = ("mmlu", "gsm8k", "bbh", "tydiqa", "boolq", "piqa", "GA")
     for row, key in (("LLaMA-2-7B-Chat", "θ_0"), ("SeqFT", "seqft"), ("Replay (1%)", "replay1"),
                      ("SEEKR (1%)", "seekr1")):
-        assert [pt.PAPER_TABLE2[key][c] for c in columns] == table2[row][:7]
+        assert [ps.PAPER_TABLE2[key][c] for c in columns] == table2[row][:7]
 
 
 def test_runs_are_packed_by_the_probes_memory_the_disk_and_the_cores():
@@ -178,7 +179,7 @@ def test_the_gpu_profile_runs_on_the_cpu_and_its_tables_come_from_the_runs(tmp_p
         bwt = "" if config == "mtl" else f" ({statistics.mean(bwts):.1f} ± {statistics.stdev(bwts):.1f})"
         return f"{statistics.mean(ops):.1f} ± {statistics.stdev(ops):.1f}{bwt}, n=2"
     for config in configs:                                   # Table 3, the paper's numbers beside
-        label, paper = pt.CONFIGS[config][0], pt.PAPER_TABLE3.get(config, {}).get("order3")
+        label, paper = pt.CONFIGS[config][0], ps.PAPER_TABLE3.get(config, {}).get("order3")
         assert table3[label].startswith(f"| {label} | {cell(config)} | ")
         assert table3[label].endswith(" |  |" if paper is None else f"{paper[0]:.2f} |" if paper[1] is None
                                     else f"{paper[0]:.2f} ({paper[1]:.2f}) |")
