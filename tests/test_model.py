@@ -119,17 +119,23 @@ def test_sequence_loss_is_the_mean_over_labelled_tokens():
 
 
 def test_config_refuses_what_is_not_implemented():
+    """Each family reads its own keys; what none implements is refused by key (Gemma-2's softcapping, MoE, …)."""
     base = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=10, intermediate_size=8)
-    with pytest.raises(ValueError, match="rope_scaling.rope_type='linear'"):
-        ModelArgs.from_hf_config({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_scaling.rope_type='longrope' is not supported"):
+        ModelArgs.from_hf_config({**base, "rope_scaling": {"type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_parameters: partial_rotary_factor not implemented for rope_type"):
+        ModelArgs.from_hf_config({**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                              "partial_rotary_factor": 0.5}})
     with pytest.raises(ValueError, match="hidden_act must be 'silu'"):
         ModelArgs.from_hf_config({**base, "hidden_act": "gelu"})
-    with pytest.raises(ValueError, match="attention_bias"):
-        ModelArgs.from_hf_config({**base, "attention_bias": True})
-    with pytest.raises(ValueError, match="model_type must be 'llama', got 'mistral'"):
-        ModelArgs.from_hf_config({**base, "model_type": "mistral"})
-    with pytest.raises(ValueError, match=r"unsupported keys \['sliding_window'\]"):
+    with pytest.raises(ValueError, match="model_type must be one of llama, qwen2, mistral, gemma3_text, got 'mixtral'"):
+        ModelArgs.from_hf_config({**base, "model_type": "mixtral"})
+    with pytest.raises(ValueError, match=r"unsupported keys \['sliding_window'\]"):   # LLaMA has no window
         ModelArgs.from_hf_config({**base, "sliding_window": 4096})
+    with pytest.raises(ValueError, match="final_logit_softcapping must be null"):
+        ModelArgs.from_hf_config({**base, "model_type": "gemma3_text", "final_logit_softcapping": 30.0})
+    with pytest.raises(ValueError, match=r"unsupported keys \['num_local_experts'\]"):
+        ModelArgs.from_hf_config({**base, "model_type": "mistral", "num_local_experts": 8})
     with pytest.raises(ValueError, match="missing required key 'vocab_size'"):
         ModelArgs.from_hf_config({k: v for k, v in base.items() if k != "vocab_size"})
     new_form = ModelArgs.from_hf_config({**base, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})

@@ -24,163 +24,30 @@ after every real token, so causality already hides the pads from every real row,
 (flash attention on a GPU) whatever the padding; only the pads' own rows, which no loss reads, differ.
 """
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# config.json keys that carry no architecture (bookkeeping, generation defaults, training-only
-# settings that are no-ops here); everything else must be understood or refused.
-_INFORMATIONAL_KEYS = {
-    "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "pad_token_id", "initializer_range", "pretraining_tp", "max_sequence_length", "output_attentions",
-    "output_hidden_states", "return_dict",
-}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)   # JSON's true reads as a bool, which is an int
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-# What a config.json value must be, as (test, the words an error uses): a float such as 64.0 is not a size.
-_SIZE = (lambda v: _is_int(v) and v >= 1, "an int ≥ 1")
-_SIZE_OR_NULL = (lambda v: v is None or _SIZE[0](v), "an int ≥ 1 or null")
-_POSITIVE = (lambda v: _is_number(v) and v > 0, "a finite number > 0")
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
-_SECTION = (lambda v: v is None or isinstance(v, dict), "an object or null")
-_REQUIRED = object()   # take()'s default for a key that must be present
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096                 # residual width (hidden_size)
-    n_layers: int = 32              # transformer blocks
-    n_heads: int = 32               # query heads
-    n_kv_heads: int | None = None   # key/value heads; fewer than n_heads is GQA; None = n_heads
-    vocab_size: int = 32000
-    hidden_dim: int = 11008         # SwiGLU inner width (intermediate_size)
-    head_dim: int | None = None     # None = dim // n_heads
-    norm_eps: float = 1e-5          # RMSNorm epsilon
-    rope_theta: float = 10000.0     # RoPE base
-    max_seq_len: int = 4096         # max_position_embeddings
-    tie_embeddings: bool = False    # lm_head shares embed_tokens' weight
-    bos_id: int | None = 1          # None: the config names no BOS
-    eos_id: int | list[int] = 2     # a list: any of them ends a turn
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        """Read every architecture value from an HF LLaMA config, each checked where it is read (the error names
-        its key); refuse what is not implemented."""
-        cfg = dict(cfg)
-
-        def refuse(why):
-            raise ValueError(f"{source}: {why}")
-
-        def check(key, value, ok, expected):
-            if not ok(value):
-                refuse(f"{key} must be {expected}, got {value!r}")
-            return value
-
-        def take(key, ok, expected, default=_REQUIRED):
-            if key not in cfg and default is _REQUIRED:
-                refuse(f"missing required key {key!r}")
-            return check(key, cfg.pop(key, default), ok, expected)
-
-        if (kind := cfg.pop("model_type", "llama")) != "llama":
-            refuse(f"model_type must be 'llama', got {kind!r}")
-        if (act := cfg.pop("hidden_act", "silu")) != "silu":
-            refuse(f"hidden_act must be 'silu' (SwiGLU), got {act!r}")
-        for key in ("attention_bias", "mlp_bias"):
-            take(key, lambda v: v is False, "false (LLaMA-2 has no biases)", False)
-        take("attention_dropout", lambda v: v is None or (_is_number(v) and v == 0), "0 (no dropout)", 0.0)
-        # 2023 form: top-level rope_theta and rope_scaling; current form: rope_parameters.
-        rope = take("rope_parameters", *_SECTION, None) or {}
-        scaling = take("rope_scaling", *_SECTION, None) or {}
-        theta = take("rope_theta", *_POSITIVE, 10000.0)
-        if "rope_theta" in rope:
-            theta = check("rope_parameters.rope_theta", rope["rope_theta"], *_POSITIVE)
-        for name, section in (("rope_parameters", rope), ("rope_scaling", scaling)):
-            kind = section.get("rope_type", section.get("type", "default"))
-            if kind != "default":
-                refuse(f"{name}.rope_type={kind!r} is not supported (only plain RoPE)")
-        dim, n_heads = take("hidden_size", *_SIZE), take("num_attention_heads", *_SIZE)
-        n_kv_heads = take("num_key_value_heads", *_SIZE_OR_NULL, None) or n_heads
-        head_dim = take("head_dim", *_SIZE_OR_NULL, None)
-        if n_heads % n_kv_heads:
-            refuse(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")
-        if head_dim is None and dim % n_heads:
-            refuse(f"hidden_size={dim} is not a multiple of num_attention_heads={n_heads}: give head_dim")
-        vocab_size = take("vocab_size", *_SIZE)
-        is_token = lambda v: _is_int(v) and 0 <= v < vocab_size
-        token = f"a token id in 0..{vocab_size - 1}"
-        # transformers' LlamaConfig allows a list of EOS ids (any of them ends a turn, as in Llama-3-Instruct) and
-        # null for both; a tokenizer's one EOS must then be among them (Tokenizer.check_model). No EOS at all is
-        # refused: every training sample ends with one.
-        eos_ok = lambda v: is_token(v) or (isinstance(v, list) and len(v) > 0 and all(map(is_token, v)))
-        values = dict(
-            dim=dim, n_layers=take("num_hidden_layers", *_SIZE), n_heads=n_heads, n_kv_heads=n_kv_heads,
-            vocab_size=vocab_size, hidden_dim=take("intermediate_size", *_SIZE), head_dim=head_dim,
-            norm_eps=float(take("rms_norm_eps", *_POSITIVE, 1e-6)), rope_theta=float(theta),
-            max_seq_len=take("max_position_embeddings", *_SIZE, 4096),
-            tie_embeddings=take("tie_word_embeddings", *_BOOL, False),
-            bos_id=take("bos_token_id", lambda v: v is None or is_token(v), f"{token} or null", 1),
-            eos_id=take("eos_token_id", eos_ok, f"{token} or a list of them", 2))
-        if unknown := sorted(set(cfg) - _INFORMATIONAL_KEYS):
-            refuse(f"unsupported keys {unknown}")
-        try:
-            return cls(**values)
-        except ValueError as e:   # __post_init__'s checks of the derived sizes (an odd head_dim)
-            refuse(str(e))
-
-    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
-        """The config.json that transformers' LlamaForCausalLM loads as this model."""
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "vocab_size": self.vocab_size,
-            "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": None,
-            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
-        }
+from minseekr.network.args import ModelArgs
+from minseekr.network.rope import apply_rope, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) · w (LLaMA: cast back before the scale), or · (1 + w) in fp32 and cast after (`offset`, Gemma)."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32, cast back before the scale, as HF does (the order matters in bf16).
+        # Normalise in fp32; the order of the cast and the scale is each family's (it matters in bf16).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin (B, 1, S, D) for integer positions (B, S), in HF's fp32 recipe."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions[..., None].float() * inv_freq                  # (B, S, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                  # (B, 1, S, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -193,11 +60,6 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     head_dim = out_dim // n_heads
     w = w.reshape(n_heads, head_dim // 2, 2, in_dim)                                 # (H, D/2 pairs, 2, in)
     return w.transpose(1, 2).reshape(out_dim, in_dim)                                # (H·2·D/2, in)
-
-
-def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache:
@@ -220,62 +82,92 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Multi-head, grouped- or multi-query attention over one layer's keys: all earlier ones, or the last
+    `window` (a sliding layer); q and k normalised per head before RoPE where the family does (Gemma-3)."""
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.window = args.windows[layer]
+        bias = args.attention_bias or args.qkv_bias
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+        scalar = args.query_pre_attn_scalar
+        self.scale = None if scalar is None or scalar == args.head_dim else scalar ** -0.5   # None: 1/√D
+        # A probe computes q·kᵀ/√D: it is handed q times this, so that its logits are the layer's.
+        self.probe_q = None if self.scale is None else self.scale * math.sqrt(args.head_dim)
 
     def forward(self, x, cos, sin, mask, cache=None, return_attn=False, probe=None):
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, S, D)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                                         # (B, Hkv, Skv, D)
         probs = None
         if return_attn:
             rep = self.n_heads // self.n_kv_heads
-            scores = q @ k.repeat_interleave(rep, 1).transpose(-2, -1) / math.sqrt(self.head_dim)
+            scores = q @ k.repeat_interleave(rep, 1).transpose(-2, -1)
+            scores = scores / math.sqrt(self.head_dim) if self.scale is None else scores * self.scale
             scores = scores.masked_fill(~mask, float("-inf"))                          # (B, H, S, Skv)
             probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
             out = probs @ v.repeat_interleave(rep, 1)                                    # (B, H, S, D)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)
         if probe is not None:   # a probe sees q, k, v and the heads' outputs; it may replace them (grafting.py)
-            replaced = probe(self.layer, q, k, v, out)
+            replaced = probe(self.layer, q if self.probe_q is None else q * self.probe_q, k, v, out)
             if replaced is not None:
                 out = replaced
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1)), probs
 
 
 class MLP(nn.Module):
+    """The gated MLP: down(act(gate(x)) · up(x)), SiLU (SwiGLU) or tanh-approximated GELU (GeGLU)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+        self.act = F.silu if args.activation == "silu" else lambda x: F.gelu(x, approximate="tanh")
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """x + attention(norm(x)), then x + MLP(norm(x)); with `sandwich_norms` each branch's output is normalised
+    too before the residual add (Gemma's four norms, HF's names: post_attention_layernorm is then the
+    attention output's norm and pre_feedforward_layernorm the MLP input's)."""
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
+        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_offset)   # noqa: E731
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        keep = nn.Identity()
+        self.branches = (keep, self.post_attention_layernorm, keep)   # attention's output, MLP's input, its output
+        if args.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+            self.branches = (self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                             self.post_feedforward_layernorm)
 
     def forward(self, x, cos, sin, mask, cache=None, return_attn=False, probe=None):
+        attention_out, mlp_in, mlp_out = self.branches
         h, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, return_attn, probe)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), probs
+        x = x + attention_out(h)
+        return x + mlp_out(self.mlp(mlp_in(x))), probs
 
 
 class Transformer(nn.Module):
@@ -286,10 +178,16 @@ class Transformer(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(args.vocab_size, args.dim),
             layers=nn.ModuleList(Block(args, i) for i in range(args.n_layers)),
-            norm=RMSNorm(args.dim, args.norm_eps),
+            norm=RMSNorm(args.dim, args.norm_eps, args.norm_offset),
         ))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
+        # Each layer's RoPE (base, scaling) as an index into the model's distinct ones: cos and sin once each.
+        self.ropes = []
+        for layer in range(args.n_layers):
+            if args.rope_of(layer) not in self.ropes:
+                self.ropes.append(args.rope_of(layer))
+        self.rope_index = [self.ropes.index(args.rope_of(layer)) for layer in range(args.n_layers)]
 
     def tie_weights(self):
         """Share embed_tokens' weight with lm_head when the config ties them (again after assign-loading)."""
@@ -303,10 +201,10 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
-        """Every initialisation in one place: N(0, std) for matrices and embeddings, ones for norms."""
+        """Every initialisation in one place: N(0, std) for matrices, biases and embeddings; norms at scale 1."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(0.0 if self.args.norm_offset else 1.0)
             else:
                 p.normal_(0.0, std)
 
@@ -323,6 +221,8 @@ class Transformer(nn.Module):
         whoever reads them: the official sensitivity over every entry).
         """
         x = self.model.embed_tokens(tokens)
+        if self.args.embed_scale:   # √dim, rounded to the weights' dtype first, as transformers does
+            x = x * torch.tensor(self.args.dim ** 0.5).to(x.dtype)
         if callable(prefix):
             prefix = prefix(x, None if attention_mask is None else attention_mask[:, -tokens.shape[1]:])
         if prefix is not None:
@@ -338,24 +238,37 @@ class Transformer(nn.Module):
             if key_valid.shape != (B, start + S):
                 raise ValueError(f"attention_mask has shape {tuple(key_valid.shape)}, expected {(B, start + S)}")
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        mask = None
-        # A right-padded batch without cache or maps runs SDPA's causal path: the check (one sync) only then.
-        if cache is not None or return_attn or (key_valid is not None and (
-                mask_pads or not bool((key_valid[:, 1:] <= key_valid[:, :-1]).all()))):
-            q_idx = start + torch.arange(S, device=device)[:, None]
-            k_idx = torch.arange(start + S, device=device)[None, :]
-            mask = (k_idx <= q_idx).expand(B, 1, S, start + S)                         # (B, 1, S, Skv)
-            if key_valid is not None:
-                mask = (mask & key_valid[:, None, None, :]) | (k_idx == q_idx)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, x.dtype)
+        # A right-padded batch without cache or maps runs SDPA's causal path in its full layers (the check, one
+        # sync, only then); a sliding layer always has its mask.
+        explicit = cache is not None or return_attn or (key_valid is not None and (
+            mask_pads or not bool((key_valid[:, 1:] <= key_valid[:, :-1]).all())))
+        masks = {window: self.attention_mask(key_valid, B, S, start, window, device)
+                 if explicit or window is not None else None for window in set(self.args.windows)}
+        ropes = [rope_cos_sin(positions, self.args.head_dim, theta, x.dtype, scaling, self.args.max_seq_len)
+                 for theta, scaling in self.ropes]
         maps = []
-        for block in self.model.layers:
-            x, probs = block(x, cos, sin, mask, cache, return_attn, probe)
+        for layer, block in enumerate(self.model.layers):
+            cos, sin = ropes[self.rope_index[layer]]
+            x, probs = block(x, cos, sin, masks[block.self_attn.window], cache, return_attn, probe)
             maps.append(probs)
         if cache is not None:
             cache.pos += S
         logits = self.lm_head(self.model.norm(x))
         return (logits, maps) if return_attn else logits
+
+    @staticmethod
+    def attention_mask(key_valid, B: int, S: int, start: int, window: int | None, device):
+        """(B, 1, S, start + S) bool: query i sees key j ≤ i (and j > i − window in a sliding layer), a real one
+        where `key_valid` says; a padded query row sees itself only, which keeps softmax finite."""
+        q_idx = start + torch.arange(S, device=device)[:, None]
+        k_idx = torch.arange(start + S, device=device)[None, :]
+        mask = k_idx <= q_idx
+        if window is not None:
+            mask = mask & (k_idx > q_idx - window)
+        mask = mask.expand(B, 1, S, start + S)                                        # (B, 1, S, Skv)
+        if key_valid is not None:
+            mask = (mask & key_valid[:, None, None, :]) | (k_idx == q_idx)
+        return mask
 
 
 def token_losses(logits, labels):

@@ -141,7 +141,7 @@ class Memory:
         teacher = batch["teacher_attn"]                                          # (B, |H|, T, S)
         if order != list(range(teacher.shape[1])):   # a subset or another order; the memory's own heads need no copy
             teacher = teacher[:, order]
-        return AttentionKL(pairs, batch["rows"], teacher, batch["attention_mask"])
+        return AttentionKL(pairs, batch["rows"], teacher, batch["attention_mask"], windows=self.model.args.windows)
 
     # ---- after training: θ_k's scores and R_k's buffer --------------------------------------------------------
     def remember(self, s, batches, before, forward):
@@ -191,7 +191,7 @@ class Memory:
         for b, (batch, weight, _) in enumerate(batches):
             # Every rank runs every batch's forward (an empty share runs a stand-in), keeping only real samples.
             signals = teacher_signals(partial(forward, labels=batch["labels"]), batch, stored, self.dtype,
-                                      self.cfg.logit_topk, self.attn_dtype)
+                                      self.cfg.logit_topk, self.attn_dtype, self.model.args.windows)
             if weight:
                 first = b * self.cfg.batch_size + self.rank
                 mine += [(first + j * self.world, sig) for j, sig in enumerate(signals)]

@@ -75,13 +75,14 @@ def logit_mse(student_logits: torch.Tensor, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_signals(model, batch: dict, heads: list[tuple[int, int]], dtype=torch.bfloat16,
-                    topk: int = 0, attn_dtype=None) -> list[dict]:
+                    topk: int = 0, attn_dtype=None, windows=None) -> list[dict]:
     """What θ_k leaves for distillation, per sample of a right-padded batch, on the CPU: its logits predicting the
     labels (all V, or the top-k log-probabilities and ids) in `dtype`, and its attention rows of `heads` at the
     batch's query rows (dense (|H|, T, n), padding rows dropped) in `attn_dtype` (default `dtype`; float8_e5m2
-    halves them: ≤ 12.5% relative error, down to 1.5e-5)."""
+    halves them: ≤ 12.5% relative error, down to 1.5e-5). `windows`: the model's `args.windows`, for sliding
+    layers."""
     attn_dtype = attn_dtype or dtype
-    recorder = RowRecorder(heads, batch["rows"], batch["attention_mask"])
+    recorder = RowRecorder(heads, batch["rows"], batch["attention_mask"], windows=windows)
     logits = model(batch["input_ids"], batch["attention_mask"], probe=recorder)
     V = logits.shape[-1]
     if not 0 <= topk <= V:

@@ -81,10 +81,13 @@ def _real_rows(real, rows):
     return (rows >= 0) & real.gather(1, rows.clamp(min=0))
 
 
-def _valid_entries(real, rows):
-    """(B, T, S) bool: key s is real and at or before the real query row rows[b, t]."""
+def _valid_entries(real, rows, window=None):
+    """(B, T, S) bool: key s is real and at or before the real query row rows[b, t] (and in a sliding layer of
+    window W, after rows[b, t] − W): the entries of A that are attention."""
     keys = torch.arange(real.shape[1], device=real.device)
     causal = keys <= rows[..., None]                                                  # (B, T, S)
+    if window is not None:
+        causal &= keys > rows[..., None] - window
     return causal & real[:, None, :] & _real_rows(real, rows)[..., None]
 
 
@@ -143,13 +146,15 @@ def task_sensitivity(model, batches, *, entries="valid", norm="frobenius"):
             # Every entry's ∂L/∂A reads the pads' values too: those of pad rows that attend to themselves.
             logits = model(ids, real.long(), probe=probe, mask_pads=entries == "all")
             grads = torch.autograd.grad(sequence_loss(logits, labels).sum(), outs)
-            if entries == "all":
-                valid = torch.ones(ids.shape[0], ids.shape[1], ids.shape[1], dtype=torch.bool, device=device)
-            else:
-                valid = _valid_entries(real, _all_rows(real))
-            n_entries = valid.sum((-2, -1))[:, None]                                  # (B, 1)
-            per_sample = torch.stack([_reduce(_grad_attention_sum_sq(g, v, valid), n_entries, norm)
-                                      for g, v in zip(grads, values)])               # (L, B, H)
+            per_sample = []
+            for g, v, window in zip(grads, values, model.args.windows):
+                if entries == "all":
+                    valid = torch.ones(ids.shape[0], ids.shape[1], ids.shape[1], dtype=torch.bool, device=device)
+                else:
+                    valid = _valid_entries(real, _all_rows(real), window)
+                n_entries = valid.sum((-2, -1))[:, None]                              # (B, 1)
+                per_sample.append(_reduce(_grad_attention_sum_sq(g, v, valid), n_entries, norm))
+            per_sample = torch.stack(per_sample)                                      # (L, B, H)
             total = total + per_sample.sum(1)
             n_samples += ids.shape[0]
     if n_samples == 0:
@@ -169,9 +174,11 @@ def normalize_per_layer(sensitivity):
 
 def _forward_at_rows(model, ids, real, rows, on_layer):
     """Run the model and hand `on_layer(layer, probs)` each layer's probabilities (B, H, T, S) at `rows`."""
+    windows = model.args.windows
+
     def probe(layer, q, k, v, out):
         q_rows, kv_heads = query_rows(q, torch.arange(q.shape[1], device=q.device), rows, k.shape[1])  # (B, H, T, D)
-        on_layer(layer, attention_rows(q_rows, k, rows, real, kv_heads=kv_heads).float())
+        on_layer(layer, attention_rows(q_rows, k, rows, real, kv_heads=kv_heads, window=windows[layer]).float())
 
     with torch.no_grad():
         model(ids, real.long(), probe=probe)
@@ -208,19 +215,19 @@ def _change_sums(before, model, batch, rows, norm, device):
     """Σ over the batch's samples of each head's change between `before` (L, B, H, T, S) and `model`: (L, H)."""
     ids, _, real = _unpack(batch, device)
     rows = _all_rows(real) if rows is None else rows.to(device)
-    valid = _valid_entries(real, rows)                                                # (B, T, S)
-    n_entries = valid.sum((-2, -1))[:, None]                                          # (B, 1)
+    valid = {w: _valid_entries(real, rows, w) for w in set(model.args.windows)}      # (B, T, S) per window
     # A sample's squared norm over its T sampled rows, times n/T (n real rows), estimates the full map's without
     # bias (rows are drawn uniformly without replacement); 1 when every row is taken.
     scale = (real.sum(-1) / _real_rows(real, rows).sum(-1).clamp(min=1))[:, None]     # (B, 1)
     sums = []
 
     def on_layer(layer, probs):
-        diff_sq = (probs - before[layer].to(probs)).square().mul(valid[:, None])    # (B, H, T, S)
+        entries = valid[model.args.windows[layer]]
+        diff_sq = (probs - before[layer].to(probs)).square().mul(entries[:, None])   # (B, H, T, S)
         sum_sq = diff_sq.sum((-2, -1))
         if norm == "frobenius":
             sum_sq = sum_sq * scale
-        sums.append(_reduce(sum_sq, n_entries, norm).sum(0))
+        sums.append(_reduce(sum_sq, entries.sum((-2, -1))[:, None], norm).sum(0))
 
     _forward_at_rows(model, ids, real, rows, on_layer)
     return torch.stack(sums), ids.shape[0]

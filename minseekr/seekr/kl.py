@@ -42,9 +42,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _hidden_keys(rows: torch.Tensor, key_mask: torch.Tensor | None, S: int) -> torch.Tensor:
-    """(B, 1, T, S) bool: key j is hidden from the query at position rows[t] (a future key, padding, or no row)."""
-    hidden = torch.arange(S, device=rows.device) > rows[..., None]         # (B, T, S)
+def _hidden_keys(rows: torch.Tensor, key_mask: torch.Tensor | None, S: int, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, S) bool: key j is hidden from the query at position rows[t] (a future key, padding, no row, or
+    in a sliding layer a key `window` or more positions back)."""
+    keys = torch.arange(S, device=rows.device)
+    hidden = keys > rows[..., None]                                           # (B, T, S)
+    if window is not None:
+        hidden |= keys <= rows[..., None] - window
     if key_mask is not None:
         hidden |= ~key_mask.bool()[:, None, :]
     return hidden[:, None]
@@ -144,18 +148,19 @@ def _rows(q_rows, k, hidden, kv_heads, chunks) -> torch.Tensor:
     return _joined(parts)
 
 
-def attention_rows(q_rows, k, rows, key_mask=None, *, kv_heads=None,
+def attention_rows(q_rows, k, rows, key_mask=None, *, kv_heads=None, window: int | None = None,
                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Eq. 4 at the sampled rows: softmax(q_t·Kᵀ/√d + causal and padding mask) (B, H, T, S), fp32.
 
     q_rows (B, H, T, d) are the queries at positions rows (B, T), −1 marking a padding row; k (B, H_kv, S, d);
-    key_mask (B, S) with 1 = real token. Entries at invalid keys are exactly 0 (a row with no valid key, such as
-    a padding row, is all 0).
+    key_mask (B, S) with 1 = real token; `window` a sliding layer's W (the row at t sees keys t − W < j ≤ t).
+    Entries at invalid keys are exactly 0 (a row with no valid key, such as a padding row, is all 0).
     """
     kv_heads = _checked(q_rows, k, rows, key_mask, kv_heads)
     B, H, T, _ = q_rows.shape
     S = k.shape[2]
-    return _rows(q_rows, k, _hidden_keys(rows, key_mask, S), kv_heads, _head_chunks(H, B * T * S, chunk_elements))
+    return _rows(q_rows, k, _hidden_keys(rows, key_mask, S, window), kv_heads,
+                 _head_chunks(H, B * T * S, chunk_elements))
 
 
 class _AttentionKL(torch.autograd.Function):
@@ -212,7 +217,7 @@ class _AttentionKL(torch.autograd.Function):
         return dq, dk, None, None, None, None
 
 
-def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None,
+def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None, window: int | None = None,
                  chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Eq. 5/12 per term: KL(A^k_{l,h,t} ‖ A_{l,h,t}) (B, H, T) for the sampled rows, fused.
 
@@ -228,7 +233,7 @@ def attention_kl(q_rows, k, rows, teacher, key_mask=None, *, kv_heads=None,
     kv_heads = _checked(q_rows, k, rows, key_mask, kv_heads, teacher)
     B, H, T, _ = q_rows.shape
     S = k.shape[2]
-    return _AttentionKL.apply(q_rows, k, _hidden_keys(rows, key_mask, S), teacher, kv_heads,
+    return _AttentionKL.apply(q_rows, k, _hidden_keys(rows, key_mask, S, window), teacher, kv_heads,
                               _head_chunks(H, B * T * S, chunk_elements))
 
 
@@ -243,13 +248,15 @@ def query_rows(q, heads, rows, n_kv_heads):
 class _HeadProbe:
     """A probe over chosen (layer, head) pairs: per layer, its heads' positions in the pair list and indices.
 
-    The rows and the mask of hidden keys are checked and built once per batch, for every layer: no layer's
-    call reads a value back from an accelerator."""
+    The rows and the masks of hidden keys (one per distinct sliding window of `windows`, the model's per-layer
+    `args.windows`; None: no layer slides) are checked and built once per batch, for every layer: no layer's call
+    reads a value back from an accelerator."""
 
-    def __init__(self, heads: list[tuple[int, int]], rows, key_mask, S: int, chunk_elements: int):
+    def __init__(self, heads: list[tuple[int, int]], rows, key_mask, S: int, chunk_elements: int, windows=None):
         _check_rows(rows, key_mask, S)
         self.pairs, self.rows, self.slots, self.heads = list(heads), rows, {}, {}
-        self.hidden = _hidden_keys(rows, key_mask, S)                            # (B, 1, T, S)
+        self.window = {layer: windows[layer] if windows else None for layer, _ in heads}
+        self.hidden = {w: _hidden_keys(rows, key_mask, S, w) for w in set(self.window.values())}  # (B, 1, T, S)
         self.block, self.chunk_elements = rows.shape[0] * rows.shape[1] * S, chunk_elements
         for i, (layer, head) in enumerate(heads):
             self.slots.setdefault(layer, []).append(i)
@@ -271,12 +278,12 @@ class AttentionKL(_HeadProbe):
     After the forward, `kl[layer]` holds the (B, h_l, T) terms of that layer's heads, still in the autograd graph.
     """
 
-    def __init__(self, heads: list[tuple[int, int]], rows, teacher, key_mask=None, *,
+    def __init__(self, heads: list[tuple[int, int]], rows, teacher, key_mask=None, *, windows=None,
                  chunk_elements: int = CHUNK_ELEMENTS):
         if teacher.dim() != 4 or teacher.shape[1] != len(heads):
             raise ValueError(f"teacher has shape {tuple(teacher.shape)}, expected (B, {len(heads)}, T, S): "
                              f"one row set per (layer, head) pair")
-        super().__init__(heads, rows, key_mask, teacher.shape[-1], chunk_elements)
+        super().__init__(heads, rows, key_mask, teacher.shape[-1], chunk_elements, windows)
         self.teacher = teacher
         self.kl: dict[int, torch.Tensor] = {}
 
@@ -285,7 +292,7 @@ class AttentionKL(_HeadProbe):
             return
         teacher = self.teacher[:, self.slots[layer]]
         q_rows, kv_heads, chunks = self._inputs(layer, q, k, teacher)
-        self.kl[layer] = _AttentionKL.apply(q_rows, k, self.hidden, teacher, kv_heads, chunks)
+        self.kl[layer] = _AttentionKL.apply(q_rows, k, self.hidden[self.window[layer]], teacher, kv_heads, chunks)
 
     def total(self) -> torch.Tensor:
         """Σ over layers, heads, rows and samples of the KL terms: L_ad of Eq. 12 summed over the batch."""
@@ -301,14 +308,15 @@ class AttentionKL(_HeadProbe):
 class RowRecorder(_HeadProbe):
     """Probe that keeps the attention rows of chosen (layer, head) pairs at chosen query rows, without S×S maps."""
 
-    def __init__(self, heads: list[tuple[int, int]], rows, key_mask, *, chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__(heads, rows, key_mask, key_mask.shape[-1], chunk_elements)
+    def __init__(self, heads: list[tuple[int, int]], rows, key_mask, *, windows=None,
+                 chunk_elements: int = CHUNK_ELEMENTS):
+        super().__init__(heads, rows, key_mask, key_mask.shape[-1], chunk_elements, windows)
         self.n_heads, self.out = len(heads), {}
 
     def __call__(self, layer, q, k, v, out):
         if layer in self.heads:
             q_rows, kv_heads, chunks = self._inputs(layer, q, k)                         # (B, h_l, T, d)
-            self.out[layer] = _rows(q_rows, k, self.hidden, kv_heads, chunks)
+            self.out[layer] = _rows(q_rows, k, self.hidden[self.window[layer]], kv_heads, chunks)
 
     def stacked(self) -> torch.Tensor:
         """(B, |H|, T, S) in the order of the pairs."""
