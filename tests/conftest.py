@@ -33,9 +33,10 @@ def _on_the_cpu():
     init_distributed("cpu")
 
 
-def tiny_run_inputs(root: Path, n_train: int, n_test: int):
+def tiny_run_inputs(root: Path, n_train: int, n_test: int, **family):
     """A tiny HF checkpoint holding its tokenizer (root/model) and two synthetic tasks in TRACE's folder layout
-    (root/data/{rev,rot}): what `train.py --model ... --data ... --order rev,rot` needs."""
+    (root/data/{rev,rot}): what `train.py --model ... --data ... --order rev,rot` needs. `family`: ModelArgs
+    fields of another family (tests/test_family_runs.py)."""
     from minseekr.evaluation.synthetic import make_records, train_tokenizer
     from minseekr.network.checkpoint import save_hf
     from minseekr.network.model import ModelArgs, Transformer
@@ -44,9 +45,9 @@ def tiny_run_inputs(root: Path, n_train: int, n_test: int):
     model_dir.mkdir(parents=True)
     train_tokenizer(model_dir / "tokenizer.model")
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                  vocab_size=Tokenizer(model_dir / "tokenizer.model").vocab_size, hidden_dim=64,
-                                  max_seq_len=32))
+    vocab = Tokenizer(model_dir / "tokenizer.model").vocab_size
+    model = Transformer(ModelArgs(**{**dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                                            hidden_dim=64, max_seq_len=32), **family}))
     model.init_weights()
     save_hf(model, model_dir, dtype=torch.float32)
     for name in ("rev", "rot"):

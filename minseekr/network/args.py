@@ -126,7 +126,6 @@ class ModelArgs:
             "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
             "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
-            "torch_dtype": str(dtype).removeprefix("torch."),
         }
         if self.family == "gemma3_text":
             config |= {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": self.query_pre_attn_scalar,
@@ -142,7 +141,7 @@ class ModelArgs:
         elif self.family == "qwen2":
             config |= {"sliding_window": self.sliding_window, "layer_types": self.layer_types,
                        "use_sliding_window": any(w is not None for w in self.windows)}
-        return config
+        return config | {"torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 class _Reader:

@@ -1,9 +1,11 @@
-"""A LLaMA-2 / Vicuna decoder in plain PyTorch that hands out its attention.
+"""A LLaMA-style decoder in plain PyTorch that hands out its attention.
 
-The same function as `transformers.LlamaForCausalLM`, written to be read in one sitting:
-RMSNorm, RoPE in HF's rotate-half layout, SwiGLU, multi-head or grouped-query attention, tied or
-untied output head. Parameter names are HF's verbatim (`model.layers.3.self_attn.q_proj.weight`),
-so `state_dict()` keys are the safetensors keys and a head is one slice away.
+The same function as transformers' `LlamaForCausalLM` (LLaMA-2, Vicuna, Llama-3.x), `Qwen2ForCausalLM`,
+`MistralForCausalLM` and `Gemma3ForCausalLM`, written to be read in one sitting: RMSNorm, RoPE in HF's
+rotate-half layout, a gated MLP, multi-head, grouped- or multi-query attention, tied or untied output head.
+A family's choices are fields of `ModelArgs` (args.py), and a layer's own ones (its sliding window, its RoPE)
+are data of the layer. Parameter names are HF's verbatim (`model.layers.3.self_attn.q_proj.weight`), so
+`state_dict()` keys are the safetensors keys and a head is one slice away.
 
 Attention runs on `scaled_dot_product_attention`. Two ways out of it:
 - `return_attn=True` computes every layer's softmax explicitly and returns the (B, H, S, S)
@@ -14,7 +16,9 @@ Attention runs on `scaled_dot_product_attention`. Two ways out of it:
   the autograd graph. A probe can therefore recompute selected attention rows from q and k
   (distillation, forgettability) or register a hook on `out` to read ∂L/∂O (sensitivity), while
   the layer itself keeps SDPA and never materialises an S×S map it was not asked for. A probe that
-  returns a tensor replaces `out` with it (attention grafting, Fig. 1: `grafting.py`).
+  returns a tensor replaces `out` with it (attention grafting, Fig. 1: `grafting.py`). The q it gets is
+  scaled so that q·kᵀ/√D are the layer's logits whatever the family's scale (Gemma-3's); a sliding layer's
+  window is the model's `args.windows[layer]`, which the probes are given.
 
 Positions follow the padding mask: with `attention_mask` (1 = real token) the position of a token
 is the number of real tokens before it, so left- or right-padded batches give every real token the
