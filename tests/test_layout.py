@@ -1,6 +1,7 @@
 """The package's shape: folders that import one way, files small enough to read, a trainer that names no method.
 
-The floors, bottom to top: `runtime.py`, then `network/`, `seekr/`, `evaluation/`, `engines/`, `methods/`, `run/`.
+The floors, bottom to top: `runtime.py`, then `network/`, `seekr/`, `evaluation/`, `engines/`, `methods/`,
+`knowledge/`, `run/`.
 A module imports only from its own folder and the floors below it; nothing in the package imports `tools/` or the
 entry points; module imports have no cycles.
 """
@@ -13,7 +14,7 @@ import minseekr
 from minseekr.methods.table import METHODS
 
 PACKAGE = Path(minseekr.__file__).parent
-FLOORS = ["runtime", "network", "seekr", "evaluation", "engines", "methods", "run"]
+FLOORS = ["runtime", "network", "seekr", "evaluation", "engines", "methods", "knowledge", "run"]
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
 
 

@@ -1,0 +1,8 @@
+"""Continual knowledge learning (TAALM, Seo et al. 2024): learning new facts from documents without forgetting
+known ones, by choosing which tokens of a document the update attends to.
+
+    lama.py     LAMA-ckl: facts, their probes, the authors' metric, the split for the model in use
+    weights.py  the weighted next-token loss and the token weights of Finetune, Oracle and RHO-1
+
+Imports: `minseekr.runtime`, `minseekr.network`.
+"""
