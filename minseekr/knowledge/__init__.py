@@ -3,6 +3,7 @@ known ones, by choosing which tokens of a document the update attends to.
 
     lama.py     LAMA-ckl: facts, their probes, the authors' metric, the split for the model in use
     weights.py  the weighted next-token loss and the token weights of Finetune, Oracle and RHO-1
+    taalm.py    TAALM's Train-Attention model φ, the functional AdamW step and φ's meta-loss through it
 
 Imports: `minseekr.runtime`, `minseekr.network`.
 """

@@ -21,8 +21,9 @@ EPS = 1e-6
 
 
 def token_nll(logits, ids) -> torch.Tensor:
-    """nll_t (B, S−1) of each next token in fp32: position t − 1 predicts token t."""
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    """nll_t (B, S−1) of each next token in fp32 (fp64 for fp64 logits): position t − 1 predicts token t."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 
 def weighted_loss(logits, ids, weights, mask=None) -> torch.Tensor:

@@ -46,11 +46,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32; the order of the cast and the scale is each family's (it matters in bf16).
-        h = x.float()
+        # Normalise in fp32 (fp64 for fp64); the order of the cast and the scale is each family's (it matters in bf16).
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (h * (1.0 + self.weight.float())).type_as(x)
+            return (h * (1.0 + self.weight.to(h.dtype))).type_as(x)
         return self.weight * h.to(x.dtype)
 
 
