@@ -31,7 +31,7 @@ from minseekr.methods.pet import attach_saved
 from minseekr.network.checkpoint import load_hf, read_args
 from minseekr.network.tokenizer import Tokenizer, find_tokenizer
 from minseekr.run.config import (METHODS, NONNEGATIVE, ContinualConfig, GeneralSettings, RunConfig, from_flags, option,
-                             parser_for, read_settings, validate)
+                                 parser_for, read_settings, validate)
 from minseekr.run.rundir import RunDir, summarize
 from minseekr.runtime import InputError, atomic_write, exit_on_input_errors, read_json
 

@@ -28,7 +28,7 @@ from minseekr.network.checkpoint import load_hf, read_args
 from minseekr.network.tokenizer import Tokenizer, find_tokenizer
 from minseekr.run import demo
 from minseekr.run.config import (METHOD_DEFAULTS, METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset,
-                             read_settings, resolve, typed_flags)
+                                 read_settings, resolve, typed_flags)
 from minseekr.run.rundir import RunDir
 from minseekr.run.trainer import ContinualTrainer
 from minseekr.runtime import InputError, atomic_write, exit_on_input_errors, init_distributed, print0, shutdown

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minseekr.network.model import ModelArgs, Transformer, sequence_loss
 from minseekr.seekr import heads
 from minseekr.seekr.heads import (HeadScores, attention_at_rows, attention_change, forgettability, importance,
-                            normalize_per_layer, sample_query_rows, select_heads, task_sensitivity)
+                                  normalize_per_layer, sample_query_rows, select_heads, task_sensitivity)
 
 V = 61
 
