@@ -30,6 +30,7 @@ from minseekr.evaluation.scoring import evaluate, prompt_room
 from minseekr.methods.pet import attach_saved
 from minseekr.network.checkpoint import load_hf, read_args
 from minseekr.network.tokenizer import Tokenizer, find_tokenizer
+from minseekr.run import knowledge
 from minseekr.run.config import (METHODS, NONNEGATIVE, ContinualConfig, GeneralSettings, RunConfig, from_flags, option,
                                  parser_for, read_settings, validate)
 from minseekr.run.rundir import RunDir, summarize
@@ -60,6 +61,8 @@ class EvalConfig(GeneralSettings):
 
 
 def evaluate_run(run: RunDir, ns: EvalConfig):
+    if (run.root / "knowledge.json").is_file():   # a continual-knowledge-learning run (train.py --knowledge)
+        return knowledge.evaluate(run.root)
     if not run.spec.is_file():
         raise InputError(f"{run.spec} not found: RUN_DIR must be a directory written by train.py --model ...")
     spec, cfg = read_settings(run.spec, RunConfig), read_settings(run.config, ContinualConfig)

@@ -5,6 +5,9 @@
     python train.py --model DIR --data ROOT --order order3 --method seekr --out runs/superni-seekr
     torchrun --nproc_per_node 8 train.py --model DIR ...     # the same run, sharded over 8 GPUs (or CPU processes)
     python train.py --resume runs/superni-seekr              # continue after a crash, from the latest resume point
+    python train.py --knowledge ../shared/data/lama-ckl --model DIR --method taalm --out runs/ckl
+                                                             # continual knowledge learning (TAALM's LAMA-ckl; its
+                                                             # flags: python train.py --knowledge x --help)
 
 Every field of `RunConfig` and `ContinualConfig` (minseekr/run/config.py) is a --flag. Settings resolve
 in one order: the library's defaults, then the method's authors' (config.METHOD_DEFAULTS), then the order's epochs
@@ -26,7 +29,7 @@ from minseekr.evaluation.scoring import prompt_room
 from minseekr.methods.pet import attach_saved
 from minseekr.network.checkpoint import load_hf, read_args
 from minseekr.network.tokenizer import Tokenizer, find_tokenizer
-from minseekr.run import demo
+from minseekr.run import demo, knowledge
 from minseekr.run.config import (METHOD_DEFAULTS, METHODS, ContinualConfig, RunConfig, from_flags, parser_for, preset,
                                  read_settings, resolve, typed_flags)
 from minseekr.run.rundir import RunDir
@@ -56,8 +59,10 @@ def main(argv=None):
 
 
 def train(argv):
-    parser = parser_for("train.py", __doc__, RunConfig, ContinualConfig)
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--knowledge" or a.startswith("--knowledge=") for a in argv):   # continual knowledge learning
+        return knowledge.main(argv)
+    parser = parser_for("train.py", __doc__, RunConfig, ContinualConfig)
     ns = parser.parse_args(argv)
     typed = typed_flags(argv)
     run = from_flags(RunConfig, ns)

@@ -63,8 +63,9 @@ def test_split_and_the_authors_summary():
     facts = [fact(f"a b c{i} .", f"c{i}", str(i)) for i in range(4)]
     learn, keep = split(facts, [0.0, 1.0, 0.5, 0.0])
     assert [f.uuid for f in learn] == ["0", "3"] and [f.uuid for f in keep] == ["1"]
-    got = summary(tl=[0.1, 0.4, 0.4, 0.2], nf=[0.9, 0.7, 0.6, 0.5])
-    assert got == {"top_acc": 0.4, "epoch": 2, "nf_acc": 0.7, "total_knowledge": pytest.approx(1.1)}
+    got = summary(tl=[0.1, 0.4, 0.4, 0.2], nf=[0.9, 0.7, 0.6, 0.5])   # epoch 0 is θ_0
+    assert got == {"top_acc": 0.4, "epoch": 1, "nf_acc": 0.7, "total_knowledge": pytest.approx(1.1)}
+    assert summary(tl=[0.0, 0.5], nf=[None, None])["total_knowledge"] == 0.5
 
 
 def test_loading_names_the_bad_line(tmp_path):

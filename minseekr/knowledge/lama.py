@@ -100,10 +100,11 @@ def split(facts: list[Fact], scores: list[float]) -> tuple[list[Fact], list[Fact
     return [f for f, s in zip(facts, scores) if s == 0.0], [f for f, s in zip(facts, scores) if s == 1.0]
 
 
-def summary(tl: list[float], nf: list[float]) -> dict:
-    """The authors' table from per-epoch accuracies: Top Acc (the best TL accuracy), the Epoch it is reached at
-    (1-based, the first if tied), NF Acc at that epoch, and Total Knowledge = Top Acc + NF Acc."""
+def summary(tl: list[float], nf: list[float | None]) -> dict:
+    """The authors' table from accuracies after 0, 1, …, E epochs (0: θ_0, as the authors count it): Top Acc (the
+    best TL accuracy), the Epoch it is reached at (the first if tied), NF Acc at that epoch, and Total Knowledge =
+    Top Acc + NF Acc (NF None: no known fact was kept, and Total Knowledge is Top Acc's alone)."""
     if not tl or len(tl) != len(nf):
         raise ValueError(f"need one TL and one NF accuracy per epoch, got {len(tl)} and {len(nf)}")
     best = max(range(len(tl)), key=lambda e: (tl[e], -e))
-    return {"top_acc": tl[best], "epoch": best + 1, "nf_acc": nf[best], "total_knowledge": tl[best] + nf[best]}
+    return {"top_acc": tl[best], "epoch": best, "nf_acc": nf[best], "total_knowledge": tl[best] + (nf[best] or 0.0)}

@@ -8,6 +8,8 @@
     rundir.py       the run directory's layout, its claim, and the results summary
     fingerprint.py  what a run depends on (θ_0, tokenizer, data, settings), held against resume points and buffers
     demo.py         the built-in demo behind `python train.py`
+    knowledge.py    continual knowledge learning on LAMA-ckl (`train.py --knowledge`): the filter, φ's meta-training,
+                    the epochs with a method's token weights, the authors' table
 
 Imports: every floor below (`minseekr.runtime`, `network`, `seekr`, `evaluation`, `engines`, `methods`).
 `train.py`, `eval.py` and `tools/` stand on top; nothing in the package imports them.

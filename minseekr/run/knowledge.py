@@ -1,0 +1,312 @@
+"""Continual knowledge learning on LAMA-ckl (TAALM's protocol): train θ on the to-learn facts' documents, epoch by
+epoch, with a method's token weights, and score what it learnt and what it kept after every epoch.
+
+    python train.py --knowledge ../shared/data/lama-ckl --model DIR --method taalm --out runs/ckl-taalm
+    python train.py --knowledge ../shared/data/lama-ckl --resume runs/ckl-taalm
+
+A run:
+  1. The filter: θ_0 scores the variant facts and the invariant (descriptive) ones; TL = the first `learn` it
+     scores 0 on, NF = the first `keep` it scores 1 on (`filter.json` keeps every score, and says how many remain).
+  2. taalm: φ is meta-learned on episodes of facts disjoint from TL and NF (their evidence, their schematic probe:
+     `knowledge.taalm.meta_loss`), identically on every rank, saved as phi.safetensors, then frozen.
+  3. Epoch 0 is θ_0's TL and NF accuracy. Each epoch trains θ (in the engine, every rank its share of each batch)
+     on the TL evidence documents with the method's weighted loss, AdamW and a clip, then scores TL and NF again
+     (metrics.jsonl). A resume point follows every epoch.
+  4. results.json: the curves and the authors' table (Top Acc over epochs 0..E, its Epoch, NF Acc there, Total
+     Knowledge); curves.png with matplotlib.
+"""
+import json
+import math
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from minseekr.engines.engine import export_hf, load_engine
+from minseekr.knowledge.lama import FILES, load_facts, probe_ids, score_facts, split, summary
+from minseekr.knowledge.taalm import TrainAttention, meta_loss
+from minseekr.knowledge.weights import oracle_weights, rho1_weights, token_nll, weighted_loss
+from minseekr.network.checkpoint import load_hf
+from minseekr.network.tokenizer import Tokenizer, find_tokenizer
+from minseekr.run.batches import index_batches, my_part
+from minseekr.run.config import (AT_LEAST_1, NONNEGATIVE, POSITIVE, SEED, UNIT, from_flags, option, parser_for,
+                                 read_settings, typed_flags, validate)
+from minseekr.run.resume import LATEST, Position, latest_point, load_sharded, write_point
+from minseekr.run.rundir import RunDir
+from minseekr.runtime import InputError, all_reduce, atomic_write, disk_space, init_distributed, print0
+from minseekr.seekr.buffer import device_batch
+
+METHODS = ("finetune", "oracle", "rho1", "taalm")
+
+
+@dataclass
+class KnowledgeConfig:
+    knowledge: str = option("", "the LAMA-ckl folder (variant.jsonl, invariant_descriptive.jsonl, "
+                            "invariant_schematic.jsonl): continual knowledge learning instead of a task sequence")
+    model: str = option("", "HF checkpoint directory of θ_0 (and of φ's trunk)")
+    tokenizer: str = option("", "tokenizer.model or tokenizer.json (default: the one in MODEL)")
+    out: str = option("runs/ckl", "run directory")
+    resume: str = option("", "continue this run directory from its latest resume point, with its own settings")
+    device: str = option("", "cpu or cuda (default: cuda when a GPU is visible)", ("", "cpu", "cuda"))
+    fsdp: str = option("minseekr", "training engine for θ", ("minseekr", "torch"))
+    threads: int = option(0, "torch CPU threads (0 = torch's default)", check=NONNEGATIVE)
+    method: str = option("taalm", "token weights: finetune (uniform), oracle (the object's tokens), rho1 (top "
+                         "excess loss against θ_0), taalm (the meta-learned φ)", METHODS)
+    epochs: int = option(30, "epochs over the TL documents (the authors': 30)", check=AT_LEAST_1)
+    lr: float = option(1e-4, "θ's AdamW learning rate (the authors': 1e-4)", check=POSITIVE)
+    batch_size: int = option(8, "documents per optimiser step, summed over ranks", check=AT_LEAST_1)
+    max_len: int = option(512, "document tokens kept (the authors': 512)", check=(lambda v: v >= 2, "≥ 2"))
+    learn: int = option(500, "TL facts kept after the filter (0 = every one θ_0 scores 0 on)", check=NONNEGATIVE)
+    keep: int = option(500, "NF facts kept after the filter (0 = every one θ_0 scores 1 on)", check=NONNEGATIVE)
+    rho_fraction: float = option(0.6, "rho1: the share of each document's tokens trained", check=UNIT)
+    episodes: int = option(200, "taalm: φ's meta-training episodes, facts disjoint from TL and NF", check=AT_LEAST_1)
+    phi_epochs: int = option(1, "taalm: passes over the episodes", check=AT_LEAST_1)
+    phi_batch: int = option(16, "taalm: episodes per φ step (the authors': 16)", check=AT_LEAST_1)
+    phi_lr: float = option(2e-4, "taalm: φ's AdamW learning rate, and the inner step's (the authors': 2e-4)",
+                           check=POSITIVE)
+    warmup_steps: int = option(1, "taalm: inner AdamW steps before the differentiable one (the authors' code: 1)",
+                               check=NONNEGATIVE)
+    eval_batch: int = option(16, "probes per forward when scoring", check=AT_LEAST_1)
+    seed: int = option(0, "shuffling and φ's episodes", check=SEED)
+
+    def __post_init__(self):
+        validate(self)
+
+
+def documents(tok, facts, cfg):
+    """Each TL fact's evidence as tokens (BOS first, cut to max_len) and, for the oracle, its object mask."""
+    out = []
+    for fact in facts:
+        ids, w = oracle_weights(tok, fact.evidence, fact.object)
+        out.append({"input_ids": torch.tensor(ids[:cfg.max_len]), "oracle": torch.tensor(w[:cfg.max_len - 1])})
+    return out
+
+
+def episode(tok, fact, cfg):
+    """φ's meta-training episode of one fact: its evidence document, its schematic probe with the object marked."""
+    doc = torch.tensor(tok.encode(fact.evidence, bos=True)[:cfg.max_len])[None]
+    ids, lo, hi = probe_ids(tok, fact, "schematic")
+    weights = torch.zeros(1, len(ids) - 1)
+    weights[0, lo - 1:hi - 1] = 1.0                                   # predicting the object's tokens
+    ones = lambda t: torch.ones_like(t)   # noqa: E731
+    return {"input_ids": doc, "attention_mask": ones(doc)}, {
+        "input_ids": torch.tensor(ids)[None], "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "weights": weights}
+
+
+class KnowledgeTrainer:
+    """One continual-knowledge-learning run into `run_dir` (see the module docstring)."""
+
+    def __init__(self, cfg: KnowledgeConfig, run_dir, device=None):
+        self.cfg, self.run = cfg, RunDir(run_dir)
+        root = Path(cfg.knowledge)
+        self.facts = {kind: load_facts(root / name) for kind, name in FILES.items()}
+        self.tok = Tokenizer(cfg.tokenizer or find_tokenizer(cfg.model))
+        self.rank, self.world, self.device = init_distributed(device)
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.engine = load_engine(cfg.model, cfg.fsdp, device=self.device, compute_dtype=dtype,
+                                  betas=(0.9, 0.999), weight_decay=0.01)
+        self.model = self.engine.model
+        self.knowledge_file = self.run.root / "knowledge.json"
+
+    def log(self, record):
+        if self.rank == 0:
+            with disk_space(self.run.metrics), self.run.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def accuracy(self, facts) -> float:
+        """Mean score over `facts`; every rank runs every forward (the engine gathers collectively)."""
+        if not facts:   # no known fact kept (a small model): NF is reported as null
+            return None
+        return sum(score_facts(self.model, self.tok, facts, batch_size=self.cfg.eval_batch,
+                               progress=self.rank == 0)) / len(facts)
+
+    def filter(self):
+        """TL and NF for θ_0, kept in filter.json (read back on resume)."""
+        file = self.run.root / "filter.json"
+        variant, known = self.facts["variant"], self.facts["descriptive"]
+        if file.is_file():
+            chosen = json.loads(file.read_text())
+        else:
+            s_var = score_facts(self.model, self.tok, variant, batch_size=self.cfg.eval_batch, progress=self.rank == 0)
+            s_known = score_facts(self.model, self.tok, known, batch_size=self.cfg.eval_batch, progress=self.rank == 0)
+            learn, keep = (group[:n or None] for group, n in zip(
+                (split(variant, s_var)[0], split(known, s_known)[1]), (self.cfg.learn, self.cfg.keep)))
+            chosen = {"learn": [f.uuid for f in learn], "keep": [f.uuid for f in keep],
+                      "variant_scores": s_var, "descriptive_scores": s_known}
+            if self.rank == 0:
+                atomic_write(file, lambda tmp: tmp.write_text(json.dumps(chosen)))
+            print0(f"filter: θ_0 scores 0 on {sum(s == 0 for s in s_var)} of {len(variant)} facts to learn and 1 on "
+                   f"{sum(s == 1 for s in s_known)} of {len(known)} known facts; kept {len(chosen['learn'])} TL, "
+                   f"{len(chosen['keep'])} NF")
+        by_id = {f.uuid: f for group in (variant, known) for f in group}
+        return [by_id[u] for u in chosen["learn"]], [by_id[u] for u in chosen["keep"]]
+
+    def train_phi(self, evaluated: set) -> TrainAttention:
+        """φ meta-learned on `episodes` facts outside `evaluated` (or read back from phi.safetensors)."""
+        cfg, file = self.cfg, self.run.root / "phi.safetensors"
+        with torch.random.fork_rng(devices=[]):   # the new head's initialisation: a function of the seed alone
+            torch.manual_seed(cfg.seed)
+            phi = TrainAttention(load_hf(cfg.model, device=self.device))
+        if file.is_file():
+            phi.load_state_dict(load_file(str(file), device=str(self.device)))
+            return phi.eval()
+        pool = [f for kind in ("variant", "schematic", "descriptive") for f in self.facts[kind]
+                if f.uuid not in evaluated]
+        random.Random(f"{cfg.seed}-phi").shuffle(pool)
+        if len(pool) < cfg.episodes:
+            raise InputError(f"--episodes {cfg.episodes}: only {len(pool)} facts lie outside TL and NF")
+        episodes = [episode(self.tok, f, cfg) for f in pool[:cfg.episodes]]
+        learner = load_hf(cfg.model, device=self.device)
+        learner.requires_grad_(True)
+        optimiser = torch.optim.AdamW(phi.parameters(), lr=cfg.phi_lr, betas=(0.9, 0.999), weight_decay=0.01)
+        move = lambda d: {k: v.to(self.device) for k, v in d.items()}   # noqa: E731
+        steps = [episodes[i:i + cfg.phi_batch] for _ in range(cfg.phi_epochs)
+                 for i in range(0, len(episodes), cfg.phi_batch)]
+        for n, batch in enumerate(tqdm(steps, desc="φ meta-training", disable=self.rank != 0), 1):
+            total = 0.0
+            for doc, probe in batch:
+                J = meta_loss(learner, phi, move(doc), move(probe), lr=cfg.phi_lr, warmup=cfg.warmup_steps)
+                (J / len(batch)).backward()
+                total += J.item() / len(batch)
+            optimiser.step()
+            optimiser.zero_grad()
+            self.log({"phi_step": n, "probe_nll": total})
+        if self.rank == 0:
+            atomic_write(file, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in phi.state_dict().items()},
+                                                     str(tmp)))
+        return phi.eval()
+
+    def weights(self, batch, phi):
+        """The method's w (B, S−1) for a batch of TL documents."""
+        method, mask = self.cfg.method, batch["attention_mask"]
+        if method == "oracle":
+            return batch["oracle"].to(torch.float32)
+        if method == "taalm":
+            with torch.no_grad():
+                return phi.weights(batch["input_ids"], mask)
+        w = mask[:, 1:].to(torch.float32)
+        if method == "rho1":
+            with torch.no_grad():
+                nll = token_nll(self.model(batch["input_ids"], mask), batch["input_ids"])
+            w = rho1_weights(nll, batch["reference"], self.cfg.rho_fraction, mask)
+        return w
+
+    def run_all(self, resume=False):
+        cfg = self.cfg
+        with self.run.claimed(self.rank, resume, {} if resume else {self.knowledge_file: asdict(cfg)}):
+            learn, keep = self.filter()
+            if not learn:
+                raise InputError("no fact to learn: θ_0 scores above 0 on every variant fact")
+            phi = self.train_phi({f.uuid for f in learn + keep}) if cfg.method == "taalm" else None
+            docs = documents(self.tok, learn, cfg)
+            curves, start = {"tl": [], "nf": []}, 0
+            if resume and (self.run.resume / LATEST).is_file():
+                state = load_sharded(self.engine, latest_point(self.run.resume))
+                curves, start = state["curves"], state["epoch"]
+            if not curves["tl"]:
+                curves = {"tl": [self.accuracy(learn)], "nf": [self.accuracy(keep)]}
+                self.log({"epoch": 0, "tl": curves["tl"][0], "nf": curves["nf"][0]})
+            if cfg.method == "rho1":   # θ_0's own losses, the reference (kept with the documents)
+                for d in docs:
+                    with torch.no_grad():
+                        ids = d["input_ids"][None].to(self.device)
+                        d["reference"] = token_nll(self.model(ids), ids)[0].cpu()
+            for epoch in range(start, cfg.epochs):
+                self.train_epoch(epoch, docs, phi)
+                curves["tl"].append(self.accuracy(learn))
+                curves["nf"].append(self.accuracy(keep))
+                self.log({"epoch": epoch + 1, "tl": curves["tl"][-1], "nf": curves["nf"][-1]})
+                write_point(self.run.resume, Position(0, epoch + 1), self.engine, {"curves": curves})
+            results = {"method": cfg.method, "learn": len(learn), "keep": len(keep), **curves,
+                       **summary(curves["tl"], curves["nf"])}
+            self.export()
+            if self.rank == 0:
+                atomic_write(self.run.results, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+            return results
+
+    def export(self):
+        """θ after the last epoch as an HF directory with its tokenizer (checkpoints/final), for eval.py."""
+        path = self.run.root / "checkpoints" / "final"
+        export_hf(self.engine, path, dtype=self.engine.compute_dtype)
+        if self.rank == 0:
+            for file in self.tok.files:
+                atomic_write(path / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
+
+    def train_epoch(self, epoch, docs, phi):
+        cfg = self.cfg
+        self.model.train()
+        batches = index_batches(len(docs), cfg.batch_size, random.Random(f"{cfg.seed}-{epoch}"))
+        for idx in tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                        disable=self.rank != 0):
+            part, weight = my_part(idx, self.rank, self.world)
+            batch = device_batch([{"input_ids": docs[i]["input_ids"], "labels": docs[i]["input_ids"]} for i in part],
+                                 self.tok.pad_id, self.device)
+            S = batch["input_ids"].shape[1]
+            for key in ("oracle", "reference"):
+                if key in docs[part[0]]:
+                    batch[key] = torch.stack([torch.nn.functional.pad(docs[i][key], (0, S - 1 - len(docs[i][key])))
+                                              for i in part]).to(self.device)
+            w = self.weights(batch, phi)
+            loss = weighted_loss(self.model(batch["input_ids"], batch["attention_mask"]), batch["input_ids"], w,
+                                 batch["attention_mask"]).sum()
+            (loss * weight * self.world / len(idx)).backward()
+            norm = float(self.engine.clip_grad_norm_(1.0))
+            if not math.isfinite(norm):
+                raise InputError(f"epoch {epoch + 1}: the gradient norm is {norm}; nothing of this step was applied")
+            self.engine.optimizer_step(cfg.lr)
+            self.engine.zero_grad()
+            total = all_reduce(loss.detach() * weight).item() / len(idx)   # the global batch's mean
+            self.log({"epoch": epoch + 1, "loss": total, "grad_norm": norm, "step": self.engine.step})
+        self.model.eval()
+
+
+def main(argv):
+    """train.py's continual-knowledge-learning mode (`--knowledge DIR`)."""
+    parser = parser_for("train.py", __doc__, KnowledgeConfig)
+    cfg = from_flags(KnowledgeConfig, parser.parse_args(argv))
+    typed = typed_flags(argv)
+    if cfg.resume:
+        run = RunDir(cfg.resume)
+        if not (run.root / "knowledge.json").is_file():
+            parser.error(f"--resume {run.root}: knowledge.json not found (a run of train.py --knowledge ...)")
+        cfg = read_settings(run.root / "knowledge.json", KnowledgeConfig)
+        cfg.resume, cfg.out = str(run.root), str(run.root)
+        if changed := sorted(typed - {"resume", "threads", "knowledge"}):
+            parser.error(f"--resume continues {run.root} with its own settings; drop --{', --'.join(changed)}")
+    if not cfg.model:
+        parser.error("--knowledge needs --model DIR")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg.knowledge, cfg.model = str(Path(cfg.knowledge).resolve()), str(Path(cfg.model).resolve())
+    results = KnowledgeTrainer(cfg, cfg.out, cfg.device or None).run_all(resume=bool(cfg.resume))
+    print0(f"{cfg.method}: Top Acc {results['top_acc']:.3f} (epoch {results['epoch']}), NF Acc "
+           f"{results['nf_acc']:.3f}, Total Knowledge {results['total_knowledge']:.3f} "
+           f"({results['learn']} TL, {results['keep']} NF facts)", file=sys.stderr)
+
+
+def evaluate(run_dir, batch_size: int = 16) -> dict:
+    """eval.py on a run of this mode: θ_0 and the final θ re-scored on the run's own TL and NF facts."""
+    run = RunDir(run_dir)
+    for file in (run.root / "knowledge.json", run.root / "filter.json", run.root / "checkpoints" / "final"):
+        if not file.exists():
+            raise InputError(f"{file} not found: not a finished run of train.py --knowledge ...")
+    cfg = read_settings(run.root / "knowledge.json", KnowledgeConfig)
+    chosen = json.loads((run.root / "filter.json").read_text())
+    facts = {f.uuid: f for name in FILES.values() for f in load_facts(Path(cfg.knowledge) / name)}
+    learn, keep = [facts[u] for u in chosen["learn"]], [facts[u] for u in chosen["keep"]]
+    tok = Tokenizer(cfg.tokenizer or find_tokenizer(cfg.model))
+    out = {}
+    for name, folder in (("θ_0", cfg.model), ("final", run.root / "checkpoints" / "final")):
+        model = load_hf(folder)
+        mean = lambda s: sum(s) / len(s) if s else None   # noqa: E731
+        out[name] = {"tl": mean(score_facts(model, tok, learn, batch_size=batch_size)),
+                     "nf": mean(score_facts(model, tok, keep, batch_size=batch_size))}
+        print(f"{name:6s} TL {out[name]['tl']:.3f}  NF " +
+              ("—" if out[name]["nf"] is None else f"{out[name]['nf']:.3f}") + f"  ({len(learn)} TL, {len(keep)} NF)")
+    return out
