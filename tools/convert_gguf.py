@@ -1,22 +1,46 @@
-"""Convert a llama-architecture GGUF file (llama.cpp's format) to the HF directory minseekr and transformers load.
+"""Convert a GGUF file (llama.cpp's format) of a llama, mistral, qwen2 or gemma3 model to the HF directory minseekr
+and transformers load.
 
     pip install -e ".[tools]"     # gguf (reads and dequantizes), tokenizers (writes tokenizer.json)
     python tools/convert_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf weights/smollm2-135m-instruct [--dtype float32]
+    python tools/convert_gguf.py gemma-3-270m-q4_k_m.gguf weights/gemma-3-270m
 
-Writes config.json, model.safetensors, tokenizer.json (GPT-2-style byte-level BPE with its merges and special
-tokens) and tokenizer_config.json (BOS, EOS, pad and unknown tokens, whether BOS is prepended, the chat template).
+Writes config.json, model.safetensors, tokenizer.json and tokenizer_config.json (BOS, EOS, pad and unknown tokens,
+whether BOS is prepended, the chat template; `gguf_tokenizer.py` says how each kind of vocabulary is rebuilt).
+
+The HF config is built from the GGUF metadata (`<arch>.embedding_length`, `.block_count`, `.attention.head_count`,
+`.attention.head_count_kv`, `.attention.key_length`, `.feed_forward_length`, `.attention.layer_norm_rms_epsilon`,
+`.rope.freq_base`, `.context_length`, `.attention.sliding_window`, ...), in the form transformers' LlamaConfig,
+MistralConfig, Qwen2Config or Gemma3TextConfig saves it, read by `ModelArgs.from_hf_config` like any config.json.
+Values the file does not carry are what llama.cpp assumes when it runs the file:
+- llama: LlamaConfig; attention_bias and mlp_bias where the file has those biases. A llama file whose
+  `general.name` contains "mistral" (llama.cpp's converter labels Mistral models llama) is written as a
+  MistralConfig, as is a file labelled `mistral`; they compute the same function. Their sliding window is the file's
+  `attention.sliding_window`, or none: llama.cpp runs these files with full attention.
+- qwen2: Qwen2Config (q, k and v biases are part of the architecture), no sliding window.
+- gemma3: Gemma3TextConfig: head_dim from `attention.key_length`; query_pre_attn_scalar = head_dim (dim / heads for
+  the 62-layer 27B, as llama.cpp scales it); every 6th layer global and the others local (or the file's
+  `attention.sliding_window_pattern`); the global layers' RoPE base from `rope.freq_base`, the local ones' from
+  `rope.freq_base_swa` or 10000; no logit softcapping; GELU (tanh).
+RoPE scaling (`rope.scaling.type`) of type linear or yarn is carried over (its factor and original context length);
+another type, yarn's optional settings and the per-frequency factors tensor `rope_freqs.weight` (Llama-3.1's, whose
+parameters the file does not keep) stop the conversion with one line.
 
 What changes on the way:
 - Weights are dequantized to float32 (then cast to --dtype) with the `gguf` package, the same dequantization that
   transformers' GGUF loader uses, so both give the same logits. Quantised types the package cannot dequantize,
-  and architectures other than llama, stop the conversion with one line.
+  architectures other than these four, tensors that are not part of the family's model and missing tensors stop
+  the conversion with one line.
 - GGUF stores a tensor's dimensions innermost first; the arrays come out in PyTorch's (out, in) order.
-- llama.cpp's converter permutes each q and k projection into Meta's interleaved RoPE layout; they are permuted
-  back into HF's rotate-half layout (`model.interleaved_to_half`), which is what makes the logits agree.
+- llama and mistral: llama.cpp runs these with interleaved RoPE pairs, so their q and k projections (and biases)
+  are stored in Meta's interleaved layout (llama.cpp's converter permutes HF's rows into it; Meta's and Mistral's
+  own checkpoints are in it already); they are permuted back into HF's rotate-half layout
+  (`model.interleaved_to_half`). qwen2 and gemma3 use rotate-half RoPE in llama.cpp too and are stored unpermuted.
+- gemma3: llama.cpp stores every RMSNorm weight w as 1 + w (its norm multiplies by the weight, HF's by 1 + w); 1 is
+  subtracted again, as transformers' GGUF loader does.
 - A file without `output.weight` ties lm_head to the embeddings, as HF's tie_word_embeddings does.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,23 +48,34 @@ import torch
 
 from minseekr.network.checkpoint import write_hf
 from minseekr.network.model import ModelArgs, interleaved_to_half
-from minseekr.runtime import InputError, atomic_write
+from minseekr.runtime import InputError
 
+from gguf_tokenizer import write_tokenizer  # a sibling in tools/
+
+_REQUIRED = object()   # field()'s default for a key that must be present
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
          "output.weight": "lm_head.weight"}
-BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-         "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-# llama.cpp's pre-tokenizer names whose splitting rule tokenizers can express: GPT-2's regex, SmolLM's adds digits.
-PRE_TOKENIZERS = ("gpt2", "default", "smollm")
+LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+           "ffn_down": "mlp.down_proj"}
+BLOCK = {**LINEARS, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+# Gemma 3 normalises each sublayer's input and output; llama.cpp's ffn_norm is its pre-feedforward norm.
+GEMMA3_BLOCK = {**LINEARS, "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Per family: the HF class, the block's tensors, whether q/k are stored interleaved, what a norm weight has added.
+FAMILIES = {"llama": ("LlamaForCausalLM", BLOCK, True, 0.0), "mistral": ("MistralForCausalLM", BLOCK, True, 0.0),
+            "qwen2": ("Qwen2ForCausalLM", BLOCK, False, 0.0),
+            "gemma3": ("Gemma3ForCausalLM", GEMMA3_BLOCK, False, 1.0)}
+ROPE_SCALING = ("none", "linear", "yarn")
 
 
-def field(reader, key, default=None):
+def field(reader, key, default=_REQUIRED):
     """A GGUF metadata value: a str, a number, or a list of them."""
     import gguf
     f = reader.fields.get(key)
     if f is None:
-        if default is None:
+        if default is _REQUIRED:
             raise InputError(f"the GGUF file has no {key!r}")
         return default
     if f.types[0] == gguf.GGUFValueType.ARRAY:
@@ -51,81 +86,149 @@ def field(reader, key, default=None):
     return bytes(value).decode("utf-8") if f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
 
 
-def model_args(reader) -> ModelArgs:
+def family(reader) -> tuple[str, str]:
+    """(the metadata keys' prefix, the model family) of a GGUF file."""
     arch = field(reader, "general.architecture")
-    if arch != "llama":
-        raise InputError(f"general.architecture is {arch!r}; only llama-architecture GGUF files convert")
+    if arch not in FAMILIES:
+        raise InputError(f"general.architecture is {arch!r}; only llama-architecture (llama, mistral), qwen2 and "
+                         f"gemma3 GGUF files convert")
+    if arch == "llama" and "mistral" in str(field(reader, "general.name", "")).lower():
+        return arch, "mistral"
+    return arch, arch
+
+
+def rope_scaling(reader, p: str) -> dict:
+    """The file's RoPE scaling as rope_parameters entries ({} for none)."""
+    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise InputError("tensor 'rope_freqs.weight' holds per-frequency RoPE factors (Llama-3.1's scaling), "
+                         "which this converter does not read")
+    # yarn's optional settings (betas, attention factor) are left at their defaults on both sides; one given is refused.
+    read = {f"{p}.rope.scaling.{key}" for key in ("type", "factor", "original_context_length", "finetuned")}
+    if unread := sorted(k for k in reader.fields if k.startswith(f"{p}.rope.scaling.") and k not in read):
+        raise InputError(f"{unread[0]} is set; this converter reads only the RoPE scaling's type, factor and "
+                         f"original context length")
+    kind = field(reader, f"{p}.rope.scaling.type", "none")
+    if kind not in ROPE_SCALING:
+        raise InputError(f"{p}.rope.scaling.type is {kind!r}; supported: {', '.join(ROPE_SCALING)}")
+    if kind == "none":
+        return {}
+    scaling = {"rope_type": kind, "factor": float(field(reader, f"{p}.rope.scaling.factor"))}
+    if kind == "yarn":
+        scaling["original_max_position_embeddings"] = field(reader, f"{p}.rope.scaling.original_context_length")
+    return scaling
+
+
+def common_config(reader, p: str, fam: str) -> dict:
+    """The keys every family's config shares, read from the `p.`-prefixed metadata."""
+    n_heads, dim = field(reader, f"{p}.attention.head_count"), field(reader, f"{p}.embedding_length")
+    token = lambda key: field(reader, f"tokenizer.ggml.{key}_token_id", None)
+    return {"architectures": [FAMILIES[fam][0]], "model_type": "gemma3_text" if fam == "gemma3" else fam,
+            "vocab_size": field(reader, f"{p}.vocab_size", None) or len(field(reader, "tokenizer.ggml.tokens")),
+            "hidden_size": dim, "intermediate_size": field(reader, f"{p}.feed_forward_length"),
+            "num_hidden_layers": field(reader, f"{p}.block_count"), "num_attention_heads": n_heads,
+            "num_key_value_heads": field(reader, f"{p}.attention.head_count_kv", n_heads),
+            "head_dim": field(reader, f"{p}.attention.key_length", None)
+            or field(reader, f"{p}.rope.dimension_count", dim // n_heads),
+            "max_position_embeddings": field(reader, f"{p}.context_length"),
+            # GGUF stores eps as float32: 1e-6 reads as 9.99999997e-07; the config gets the decimal it came from.
+            "rms_norm_eps": float(f"{field(reader, f'{p}.attention.layer_norm_rms_epsilon'):.7g}"),
+            "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+            "bos_token_id": token("bos"), "eos_token_id": token("eos"), "pad_token_id": token("padding"),
+            "attention_dropout": 0.0}
+
+
+def hf_config(reader) -> dict:
+    """The config.json that transformers' class for the file's family saves for this model."""
+    p, fam = family(reader)
+    config, scaling = common_config(reader, p, fam), rope_scaling(reader, p)
+    theta = float(field(reader, f"{p}.rope.freq_base", 10000.0))
+    rope = {"rope_type": "default", "rope_theta": theta, **scaling}
     names = {t.name for t in reader.tensors}
-    return ModelArgs(dim=field(reader, "llama.embedding_length"), n_layers=field(reader, "llama.block_count"),
-                     n_heads=field(reader, "llama.attention.head_count"),
-                     n_kv_heads=field(reader, "llama.attention.head_count_kv"),
-                     vocab_size=len(field(reader, "tokenizer.ggml.tokens")),
-                     hidden_dim=field(reader, "llama.feed_forward_length"),
-                     norm_eps=float(f"{field(reader, 'llama.attention.layer_norm_rms_epsilon'):.7g}"),  # float32
-                     rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),
-                     max_seq_len=field(reader, "llama.context_length"),
-                     tie_embeddings="output.weight" not in names,
-                     bos_id=field(reader, "tokenizer.ggml.bos_token_id"),
-                     eos_id=field(reader, "tokenizer.ggml.eos_token_id"))
+    if fam == "llama":
+        config.update(hidden_act="silu", rope_parameters=rope, attention_bias="blk.0.attn_q.bias" in names,
+                      mlp_bias="blk.0.ffn_up.bias" in names)
+    elif fam == "mistral":
+        config.update(hidden_act="silu", rope_parameters=rope,
+                      sliding_window=field(reader, f"{p}.attention.sliding_window", None))
+    elif fam == "qwen2":
+        head_dim, n = config.pop("head_dim"), config["num_hidden_layers"]
+        if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+            raise InputError(f"{p}.attention.key_length is {head_dim}; a Qwen2 head is embedding_length / "
+                             f"head_count wide")
+        config.update(hidden_act="silu", rope_parameters=rope, use_sliding_window=False, sliding_window=None,
+                      max_window_layers=n, layer_types=["full_attention"] * n)
+    else:
+        config.update(gemma3_config(reader, p, config, theta, scaling))
+    return config
 
 
-def hf_name(name: str) -> str:
+def gemma3_config(reader, p: str, config: dict, theta: float, scaling: dict) -> dict:
+    """Gemma3TextConfig's own keys: local and global layers, their RoPE, the attention scale, the activation."""
+    n, head_dim = config["num_hidden_layers"], config["head_dim"]
+    pattern = field(reader, f"{p}.attention.sliding_window_pattern", 6)
+    # llama.cpp's pattern: an int n makes every n-th layer global (0: none), a list says per layer whether it is local.
+    local = pattern if isinstance(pattern, list) else [pattern == 0 or bool((i + 1) % pattern) for i in range(n)]
+    if len(local) != n:
+        raise InputError(f"{p}.attention.sliding_window_pattern names {len(local)} layers; the model has {n}")
+    local_theta = float(field(reader, f"{p}.rope.freq_base_swa", 10000.0))
+    return {"hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if n == 62 else head_dim,
+            "sliding_window": field(reader, f"{p}.attention.sliding_window"),
+            "layer_types": ["sliding_attention" if is_local else "full_attention" for is_local in local],
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": theta, **scaling},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+            "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+            "use_bidirectional_attention": False}
+
+
+def expected_names(config: dict, fam: str) -> set[str]:
+    """Every tensor name the family's HF model holds for this config."""
+    block = FAMILIES[fam][1]
+    biases = {"attn_q", "attn_k", "attn_v"} if fam == "qwen2" else set()
+    if config.get("attention_bias"):
+        biases |= {"attn_q", "attn_k", "attn_v", "attn_output"}
+    if config.get("mlp_bias"):
+        biases |= {"ffn_gate", "ffn_up", "ffn_down"}
+    per_layer = [f"{hf}.weight" for hf in block.values()] + [f"{block[b]}.bias" for b in biases]
+    top = ["model.embed_tokens.weight", "model.norm.weight"] + ["lm_head.weight"] * (not config["tie_word_embeddings"])
+    return set(top) | {f"model.layers.{i}.{name}" for i in range(config["num_hidden_layers"]) for name in per_layer}
+
+
+def hf_name(name: str, block: dict) -> str | None:
+    """The HF name of a GGUF tensor, None for a name the family does not know."""
     if name in NAMES:
         return NAMES[name]
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in BLOCK:
-        return f"model.layers.{parts[1]}.{BLOCK[parts[2]]}.{parts[3]}"
-    raise InputError(f"tensor {name!r} is not part of a llama model")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in block and parts[3] in ("weight", "bias"):
+        return f"model.layers.{parts[1]}.{block[parts[2]]}.{parts[3]}"
+    return None
 
 
-def state_dict(reader, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to float32, HF-named, q and k back in the rotate-half layout."""
+def state_dict(reader, config: dict, fam: str) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to float32 and HF-named, q and k in the rotate-half layout, norms as HF's."""
     from gguf import quants
-    state = {}
+    _, block, interleaved, norm_offset = FAMILIES[fam]
+    expected, state = expected_names(config, fam), {}
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for t in reader.tensors:
+        name = hf_name(t.name, block)
+        if name not in expected:
+            raise InputError(f"tensor {t.name!r} is not part of a {fam} model of this configuration")
         try:
             array = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise InputError(f"tensor {t.name!r} is of type {t.tensor_type.name}, which the gguf package cannot "
                              f"dequantize") from None
         w = torch.from_numpy(array.astype("float32", copy=False).reshape(list(reversed(t.shape.tolist()))).copy())
-        name = hf_name(t.name)
-        if name.endswith("q_proj.weight"):
-            w = interleaved_to_half(w, args.n_heads)
-        elif name.endswith("k_proj.weight"):
-            w = interleaved_to_half(w, args.n_kv_heads)
+        proj = name.split(".")[-2]
+        if interleaved and proj in heads:
+            w = interleaved_to_half(w.view(w.shape[0], -1), heads[proj]).view(w.shape)   # a bias as one column
+        if t.name.endswith("norm.weight"):
+            w -= norm_offset
         state[name] = w
+    if missing := sorted(expected - set(state)):
+        raise InputError(f"the GGUF file lacks {len(missing)} tensors of a {fam} model, such as {missing[0]!r}")
     return state
-
-
-def write_tokenizer(reader, out: Path) -> None:
-    """tokenizer.json (byte-level BPE, special tokens) and tokenizer_config.json from the GGUF's tokenizer fields."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    kind, pre = field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre", "default")
-    if kind != "gpt2":
-        raise InputError(f"tokenizer.ggml.model is {kind!r}; only GPT-2-style byte-level BPE converts (a "
-                         f"SentencePiece model ships as tokenizer.model)")
-    if pre not in PRE_TOKENIZERS:
-        raise InputError(f"tokenizer.ggml.pre is {pre!r}; supported: {', '.join(PRE_TOKENIZERS)}")
-    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    split = [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(split + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    control = 3                                                          # llama.cpp's token type CONTROL
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, kind in zip(tokens, types) if kind == control])
-    atomic_write(out / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
-    special = {key: tokens[field(reader, f"tokenizer.ggml.{key}_token_id")]
-               for key in ("bos", "eos", "unknown", "padding") if f"tokenizer.ggml.{key}_token_id" in reader.fields}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special.get("bos"),
-              "eos_token": special.get("eos"), "unk_token": special.get("unknown"), "pad_token": special.get("padding"),
-              "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
-              "model_max_length": field(reader, "llama.context_length"),
-              "chat_template": field(reader, "tokenizer.chat_template", "")}
-    atomic_write(out / "tokenizer_config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
 
 
 def convert(src, dst, dtype=torch.float32):
@@ -138,16 +241,21 @@ def convert(src, dst, dtype=torch.float32):
         reader = gguf.GGUFReader(str(src))
     except (OSError, ValueError) as e:
         raise InputError(f"{src} is not a readable GGUF file ({e})") from None
-    args = model_args(reader)
-    state = state_dict(reader, args)
+    config = hf_config(reader)
+    try:
+        args = ModelArgs.from_hf_config(config, source=f"{src}'s HF config")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    state = state_dict(reader, config, family(reader)[1])
     write_hf(args, state.items(), dst, dtype=dtype)
-    write_tokenizer(reader, Path(dst))
+    write_tokenizer(lambda key, default=_REQUIRED: field(reader, key, default), Path(dst),
+                    field(reader, "general.architecture"), config["max_position_embeddings"])
     return args, sum(t.numel() for t in state.values())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("src", type=Path, help="a llama-architecture .gguf file")
+    parser.add_argument("src", type=Path, help="a .gguf file of a llama, mistral, qwen2 or gemma3 model")
     parser.add_argument("dst", type=Path, help="output directory (config.json, safetensors, tokenizer files)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     a = parser.parse_args(argv)
