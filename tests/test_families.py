@@ -157,9 +157,9 @@ def test_seekr_attention_rows_and_fused_kl_respect_each_layer(pair):
 
 
 def expected_entries(window, rows, mask):
-    """(B, T, S) bool: the keys a query row attends to (causal, real, within the layer's window)."""
-    keys = torch.arange(S)
-    visible = (keys <= rows[..., None]) & mask.bool()[:, None, :] & (rows >= 0)[..., None]
+    """(B, T, S) bool: the keys a real query row attends to (causal, real, within the layer's window)."""
+    keys, real = torch.arange(S), mask.bool()
+    visible = (keys <= rows[..., None]) & real[:, None, :] & ((rows >= 0) & real.gather(1, rows.clamp(min=0)))[..., None]
     if window is not None:
         visible &= keys > rows[..., None] - window
     return visible
@@ -189,3 +189,23 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers(pair):
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
     assert got[0] == ref[0, prompt.shape[1]:].tolist()
+
+
+def test_forgettability_is_the_change_of_each_layers_attention_where_it_attends(pair):
+    """Eq. 9 between the model and a perturbed copy, every row: ‖A_after − A_before‖_F over each layer's own
+    entries (causal, real, within its window), against the two models' full maps."""
+    name, hf, ours, folder = pair
+    other = load_hf(folder)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens, mask, _ = padded("right")
+    batch = {"input_ids": tokens, "labels": tokens, "attention_mask": mask}
+    got = heads.forgettability(other, ours, [batch])
+    with torch.no_grad():
+        _, before = ours(tokens, mask, return_attn=True)
+        _, after = other(tokens, mask, return_attn=True)
+    every = torch.arange(S).expand(3, S)
+    expected = torch.stack([((a - b).square() * expected_entries(w, every, mask)[:, None]).sum((-2, -1)).sqrt().mean(0)
+                            for a, b, w in zip(after, before, ours.args.windows)])
+    assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
