@@ -71,6 +71,9 @@ class KnowledgeConfig:
                            check=POSITIVE)
     warmup_steps: int = option(1, "taalm: inner AdamW steps before the differentiable one (the authors' code: 1)",
                                check=NONNEGATIVE)
+    inner_layers: int = option(0, "taalm: the inner step updates the last N blocks of θ only (0 = every parameter; "
+                               "the authors update a LoRA of every layer): second-order memory grows with what it "
+                               "updates", check=NONNEGATIVE)
     eval_batch: int = option(16, "probes per forward when scoring", check=AT_LEAST_1)
     seed: int = option(0, "shuffling and φ's episodes", check=SEED)
 
@@ -163,7 +166,10 @@ class KnowledgeTrainer:
             raise InputError(f"--episodes {cfg.episodes}: only {len(pool)} facts lie outside TL and NF")
         episodes = [episode(self.tok, f, cfg) for f in pool[:cfg.episodes]]
         learner = load_hf(cfg.model, device=self.device)
-        learner.requires_grad_(True)
+        first = learner.args.n_layers - cfg.inner_layers if cfg.inner_layers else 0
+        for name, p in learner.named_parameters():   # what the inner step updates; the rest is θ_0's, fixed
+            p.requires_grad_(name.startswith("model.layers.") and int(name.split(".")[2]) >= first
+                             if cfg.inner_layers else True)
         optimiser = torch.optim.AdamW(phi.parameters(), lr=cfg.phi_lr, betas=(0.9, 0.999), weight_decay=0.01)
         move = lambda d: {k: v.to(self.device) for k, v in d.items()}   # noqa: E731
         steps = [episodes[i:i + cfg.phi_batch] for _ in range(cfg.phi_epochs)
