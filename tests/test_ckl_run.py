@@ -81,3 +81,11 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "variant.jsonl not found" in err
     err = refused(capsys, [*flags(cfg), "--method", "mtl", "--out", str(tmp_path / "c")])
     assert "--method" in err and "finetune" in err
+
+
+def test_the_curves_are_drawn_where_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib", reason="the curves need matplotlib (pip install -e .[tools])")
+    from minseekr.run.knowledge import draw_curves
+    assert draw_curves(tmp_path / "c.png", {"taalm": {"tl": [0.0, 0.3], "nf": [1.0, 0.9]},
+                                            "finetune": {"tl": [0.0, 0.1], "nf": [None, None]}})
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -234,6 +234,7 @@ class KnowledgeTrainer:
             self.export()
             if self.rank == 0:
                 atomic_write(self.run.results, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+                draw_curves(self.run.root / "curves.png", {cfg.method: curves})
             return results
 
     def export(self):
@@ -294,6 +295,28 @@ def main(argv):
     print0(f"{cfg.method}: Top Acc {results['top_acc']:.3f} (epoch {results['epoch']}), NF Acc "
            f"{results['nf_acc']:.3f}, Total Knowledge {results['total_knowledge']:.3f} "
            f"({results['learn']} TL, {results['keep']} NF facts)", file=sys.stderr)
+
+
+def draw_curves(path, runs: dict) -> bool:
+    """TL and NF accuracy after each epoch (0: θ_0), one line per run {name: curves}, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharex=True)
+    for name, curves in runs.items():
+        for ax, key in zip(axes, ("tl", "nf")):
+            if None not in curves[key]:
+                ax.plot(range(len(curves[key])), curves[key], marker="o", ms=3, label=name)
+    for ax, title in zip(axes, ("to learn (TL)", "not to forget (NF)")):
+        ax.set(xlabel="epoch", ylabel="accuracy", title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return True
 
 
 def evaluate(run_dir, batch_size: int = 16) -> dict:
