@@ -1,15 +1,19 @@
 """tools/head_maps.py: its budgets follow the model (the paper's proportions), budgets that would select every head
-are refused by name, and its --help shows every default."""
+are refused by name, and its --help shows every default. tools/bench_model.py: each --family builds one model in
+both libraries, and its check refuses logits that differ and sliding masks that are per head or per layer."""
 import json
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, shared_path
 
+from minseekr.network.args import ARCHITECTURES
 from minseekr.runtime import InputError
 from minseekr.seekr.heads import HeadScores
 
 sys.path.insert(0, str(ROOT / "tools"))
+import bench_model as bench  # noqa: E402
 import head_maps as tool  # noqa: E402
 import real_experiment as experiment  # noqa: E402
 
@@ -61,3 +65,44 @@ def test_default_budgets_select_an_eighth_of_a_small_models_heads(tmp_path, monk
         tool.main(["--checkpoints", str(model), str(model), "--tasks", str(task), "--out", str(tmp_path / "maps"),
                    "--layer-budget", "5", "--head-budget", "40"])
     assert "select every head" in capsys.readouterr().err
+
+
+def bench_options(monkeypatch, family):
+    monkeypatch.setattr(sys, "argv", ["bench_model.py", "--family", family, "--dim", "32", "--n_layers", "2",
+                                      "--n_heads", "4", "--n_kv_heads", "2", "--hidden_dim", "48",
+                                      "--vocab_size", "61", "--batch", "2", "--seq", "12"])
+    return bench.parse()
+
+
+@pytest.mark.parametrize("family, masked", [("llama", "0 of 2"), ("qwen2", "0 of 2"), ("mistral", "2 of 2"),
+                                            ("gemma3", "1 of 2")])
+def test_bench_model_builds_one_model_in_both_libraries_and_one_mask_for_every_sliding_head(monkeypatch, family,
+                                                                                             masked):
+    opt = bench_options(monkeypatch, family)
+    models, tokens = bench.build(opt, opt.family, opt.window)
+    assert type(models["hf"]).__name__ == ARCHITECTURES[models["ours"].args.family]
+    masks = ", 1 distinct mask(s) (2, 1, 12, 12) bool" if masked != "0 of 2" else ", 0 distinct mask(s)"
+    said = f"{masked} calls masked{masks}, kernels flash_attention ×2"   # the CPU's flash kernel takes masks
+    assert bench.check(models, tokens, opt) == f"minseekr {said}; transformers {said}"
+
+
+def test_bench_model_refuses_other_logits_and_masks_per_head_or_per_layer(monkeypatch):
+    opt = bench_options(monkeypatch, "mistral")
+    models, tokens = bench.build(opt, opt.family, opt.window)
+    ours = models["ours"]
+    built = ours.attention_mask
+    monkeypatch.setattr(ours, "attention_mask", lambda *a: built(*a).expand(-1, 4, -1, -1))
+    with pytest.raises(AssertionError, match=r"window 3: SDPA was handed masks .*\(2, 4, 12, 12\)"):
+        bench.check(models, tokens, opt)
+    monkeypatch.setattr(ours, "attention_mask", lambda *a: built(*a).clone())
+    bench.check(models, tokens, opt)                                 # one mask a forward, still shared by layers
+    layer = ours.model.layers[1].self_attn
+    forward = layer.forward
+    monkeypatch.setattr(layer, "forward", lambda x, cos, sin, mask, *a: forward(x, cos, sin, mask.clone(), *a))
+    with pytest.raises(AssertionError, match="window 3: the layers build masks of their own"):
+        bench.check(models, tokens, opt)
+    monkeypatch.undo()
+    with torch.no_grad():
+        ours.model.norm.weight.add_(1e-3)
+    with pytest.raises(AssertionError, match="logits differ"):
+        bench.check(models, tokens, opt)
