@@ -1,5 +1,6 @@
 """What runs on LLaMA runs on every family: each method, resume, and both engines over two ranks, on tiny Gemma-3,
-Qwen2 (a sliding layer, biases) and Llama-3 (RoPE scaling) models (their exactness: tests/test_families.py)."""
+Qwen2 (a sliding layer, biases), Llama-3 (RoPE scaling) and Mistral (every layer sliding) models (their exactness:
+tests/test_families.py)."""
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ FAMILIES = {
                                                                                  "sliding_attention"]),
     "llama3": dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "mistral": dict(family="mistral", sliding_window=5, head_dim=16),
 }
 
 
