@@ -1,9 +1,12 @@
 """tools/convert_gguf.py on tiny synthetic GGUF files of each family (written with gguf's GGUFWriter), against
 transformers' GGUF loader: the HF config it builds is one transformers' config class accepts and saves with the
-same values, its tensors give transformers' logits, and its tokenizers (Qwen2's byte-level BPE with Qwen2's split
-rule, a SentencePiece vocabulary with byte fallback) give the ids transformers' GGUF tokenizers give. Gemma 3 on
-real weights: test_gemma3_real.py; LLaMA on real weights: test_real_model.py.
+same values, its tensors give transformers' logits, and its tokenizers (byte-level BPE with Qwen2's and Llama-3's
+split rules, a SentencePiece vocabulary with byte fallback) give the ids transformers' GGUF tokenizers give.
+Llama-3.1's `rope_freqs.weight`, which transformers' loader ignores, is checked against llama.cpp's formula and
+transformers' llama3 RoPE instead. Gemma 3 on real weights: test_gemma3_real.py; LLaMA on real weights:
+test_real_model.py.
 """
+import math
 import sys
 
 import pytest
@@ -19,13 +22,16 @@ from gguf_tokenizer import byte_alphabet  # noqa: E402
 from minseekr.runtime import InputError  # noqa: E402
 
 DIM, N_HEADS, N_KV, FFN, LAYERS = 64, 4, 2, 96, 2
-# Qwen2's split keeps digits apart, GPT-2's does not: the merge "1 2" shows which one ran.
-BPE_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "Ċ Ċ", "' s"]
+# Which split ran shows in the merges "1 2" and "3 4": Qwen2's keeps digits apart, Llama-3's cuts "1234567" into
+# 123|456|7, GPT-2's keeps it whole; and in "' T", which only the case-insensitive contractions keep together.
+BPE_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "3 4", "Ċ Ċ", "' s", "' T",
+              "' m"]
 SPM_PIECES = {"▁": -1, "t": -2, "h": -3, "e": -4, "w": -5, "o": -6, "r": -7, "l": -8, "d": -9, "1": -10, "2": -11,
               "he": -20, "▁t": -30, "▁the": -12, "or": -40, "▁w": -41, "▁wor": -50, "ld": -45, "▁world": -13, "12": -60,
               "x": -61, "y": -62, "z": -63, "yz": -70, "xy": -65}   # "xyz": xy by score, yz by place in the file
 TEXTS = ["the world 12 345, it's\n\nok  ", "  the  world\n", "<|im_start|>user\n<tool_call>the world",
-         "[INST] the world [/INST]", "Héllo 東京 🙂", "12twelve", "xyz", ""]
+         "[INST] the world [/INST]", "Héllo 東京 🙂", "12twelve", "xyz", "1234567 I'm DON'T 3.14159", "Ünïcode²³ ½ ٣٤",
+         "\n\n\t  x\r\n", ""]
 
 
 def bpe_vocab():
@@ -121,9 +127,7 @@ def test_a_file_labelled_mistral_converts_as_mistral_and_what_is_not_read_is_ref
     refused = {"longrope": (lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE),
                             "llama.rope.scaling.type is 'longrope'"),
                "yarn beta": (lambda w: w.add_float32("llama.rope.scaling.yarn_beta_fast", 16.0),
-                             "llama.rope.scaling.yarn_beta_fast is set"),
-               "rope_freqs": (lambda w: w.add_tensor("rope_freqs.weight", torch.ones(8).numpy()),
-                              "tensor 'rope_freqs.weight' holds per-frequency RoPE factors")}
+                             "llama.rope.scaling.yarn_beta_fast is set")}
     for case, (extra, message) in refused.items():
         with pytest.raises(InputError, match=message):
             hf_config(gguf.GGUFReader(str(write_gguf(tmp_path / f"{case}.gguf", "llama", extra=extra))))
@@ -132,19 +136,67 @@ def test_a_file_labelled_mistral_converts_as_mistral_and_what_is_not_read_is_ref
         state_dict(reader, {**hf_config(reader), "model_type": "llama"}, "llama")
 
 
-@pytest.mark.parametrize("spm", [False, True], ids=["qwen2-bpe", "sentencepiece"])
-def test_token_ids_equal_transformers_gguf_tokenizer(tmp_path, spm):
+def llama3_divisors(factor, low=1.0, high=4.0, original=8192, head_dim=16, theta=5e5):
+    """rope_freqs.weight as llama.cpp's converter computes it (LlamaModel.generate_extra_tensors), in float32."""
+    f = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    wavelength = 2 * math.pi / f
+    smooth = (original / wavelength - low) / (high - low)
+    band = torch.where(wavelength > original / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    return torch.where(wavelength < original / high, 1.0, band)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0], ids=["llama-3.1", "llama-3.2"])
+def test_rope_freqs_become_llama3_scaling_and_other_divisors_are_refused(tmp_path, factor):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from convert_gguf import convert
+    divisors = llama3_divisors(factor)
+    assert {1.0, factor} < set(divisors.tolist())             # high, low and in-between frequencies all present
+    src = write_gguf(tmp_path / "l.gguf", "llama", extra=lambda w: w.add_tensor("rope_freqs.weight", divisors.numpy()))
+    config = hf_config(gguf.GGUFReader(str(src)))
+    assert config["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 5e5, "factor": factor,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}
+    hf = transformers.LlamaConfig(**config)
+    assert {key: hf.to_dict()[key] for key in config} == config
+    plain = 1.0 / 5e5 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    torch.testing.assert_close(ROPE_INIT_FUNCTIONS["llama3"](hf)[0], plain / divisors, rtol=2 ** -22, atol=0)
+    args, _ = convert(src, tmp_path / "out")                  # the tensor is dropped, the scaling reaches ModelArgs
+    assert args.rope_scaling == {k: v for k, v in config["rope_parameters"].items() if k != "rope_theta"}
+    tensor = lambda t: (lambda w: w.add_tensor("rope_freqs.weight", t.numpy()))
+    refused = {"perturbed": ("llama", tensor(divisors * (1 + (torch.arange(8) == 4) * 1e-3)), "that Llama-3.1's"),
+               "other band": ("llama", tensor(llama3_divisors(factor, low=2.0)), "that Llama-3.1's"),
+               "too short": ("llama", tensor(divisors[:6]), "6 RoPE divisors; a head of 16 dims"),
+               "with linear": ("llama", lambda w: (tensor(divisors)(w), w.add_rope_scaling_type(
+                   gguf.RopeScalingType.LINEAR)), "no llama.rope.scaling settings"),
+               "qwen2": ("qwen2", tensor(divisors), "only as Llama-3.1's scaling, in a llama file")}
+    for case, (arch, extra, message) in refused.items():
+        with pytest.raises(InputError, match=f"tensor 'rope_freqs.weight' holds .*{message}"):
+            hf_config(gguf.GGUFReader(str(write_gguf(tmp_path / f"{case}.gguf", arch, extra=extra))))
+
+
+# (architecture, tokenizer.ggml.pre, the file's add_bos_token (None: unset), the pieces of " 1234567 DON'T").
+TOKENIZERS = {"qwen2-bpe": ("qwen2", "qwen2", None, "Ġ 1 2 3 4 5 6 7 Ġ D O N 'T"),
+              "llama-bpe": ("llama", "llama-bpe", True, "Ġ 12 3 4 5 6 7 Ġ D O N 'T"),   # Llama-3 prepends BOS
+              "sentencepiece": ("llama", None, None,
+                                "▁ 12 <0x33> <0x34> <0x35> <0x36> <0x37> ▁ <0x44> <0x4F> <0x4E> <0x27> <0x54>")}
+
+
+@pytest.mark.parametrize("case", TOKENIZERS)
+def test_token_ids_equal_transformers_gguf_tokenizer(tmp_path, case):
     from transformers import AutoTokenizer
 
     from convert_gguf import convert
     from minseekr.network.tokenizer import Tokenizer
-    src = write_gguf(tmp_path / "tiny.gguf", "llama" if spm else "qwen2", spm=spm)
+    arch, pre, add_bos, pieces = TOKENIZERS[case]
+    extra = (lambda w: w.add_add_bos_token(add_bos)) if add_bos is not None else (lambda w: None)
+    src = write_gguf(tmp_path / "tiny.gguf", arch, spm=pre is None, pre=pre, extra=extra)
     convert(src, tmp_path / "out")
     tok, reference = Tokenizer(tmp_path / "out"), AutoTokenizer.from_pretrained(tmp_path, gguf_file=src.name)
-    assert tok.add_bos == spm
+    assert tok.add_bos == (pre is None or bool(add_bos))
     for text in TEXTS:
         expected = reference.encode(text, add_special_tokens=False)
         assert tok.encode(text, bos=False) == expected, text
         assert tok.encode(text) == reference.encode(text), text
-    split_digits = tok.encode("12", bos=False) == [tok.hf.token_to_id("1"), tok.hf.token_to_id("2")]
-    assert split_digits != spm                      # Qwen2 splits digits before the merges; SentencePiece merges them
+    assert [tok.hf.id_to_token(i) for i in tok.encode(" 1234567 DON'T", bos=False)] == pieces.split()

@@ -23,8 +23,14 @@ Values the file does not carry are what llama.cpp assumes when it runs the file:
   `attention.sliding_window_pattern`); the global layers' RoPE base from `rope.freq_base`, the local ones' from
   `rope.freq_base_swa` or 10000; no logit softcapping; GELU (tanh).
 RoPE scaling (`rope.scaling.type`) of type linear or yarn is carried over (its factor and original context length);
-another type, yarn's optional settings and the per-frequency factors tensor `rope_freqs.weight` (Llama-3.1's, whose
-parameters the file does not keep) stop the conversion with one line.
+another type and yarn's optional settings stop the conversion with one line. Llama-3.1's and 3.2's scaling (llama3)
+has no metadata: llama.cpp's converter keeps only its result, `rope_freqs.weight`, the divisor of each frequency
+(θ^(−2i/D) / the llama3-scaled one). It is read back as rope_type llama3 with the factor the largest divisor (that of
+the low frequencies) and the band those models use (low_freq_factor 1, high_freq_factor 4, original context 8192),
+and dropped. Divisors these settings do not give (to float32 rounding: llama.cpp divides, transformers scales the
+frequency), a tensor of another length than head_dim / 2, and a rope_freqs tensor in a file of another architecture
+or with `rope.scaling.*` settings stop the conversion with one line. (transformers' GGUF loader ignores the tensor
+and runs such a file with plain RoPE.)
 
 What changes on the way:
 - Weights are dequantized to float32 (then cast to --dtype) with the `gguf` package, the same dequantization that
@@ -48,6 +54,7 @@ import torch
 
 from minseekr.network.checkpoint import write_hf
 from minseekr.network.model import ModelArgs, interleaved_to_half
+from minseekr.network.rope import inverse_frequencies
 from minseekr.runtime import InputError
 
 from gguf_tokenizer import write_tokenizer  # a sibling in tools/
@@ -68,6 +75,8 @@ FAMILIES = {"llama": ("LlamaForCausalLM", BLOCK, True, 0.0), "mistral": ("Mistra
             "qwen2": ("Qwen2ForCausalLM", BLOCK, False, 0.0),
             "gemma3": ("Gemma3ForCausalLM", GEMMA3_BLOCK, False, 1.0)}
 ROPE_SCALING = ("none", "linear", "yarn")
+# The llama3 band of Llama-3.1 and 3.2 (their configs' low_freq_factor, high_freq_factor, trained context).
+LLAMA3_BAND = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def field(reader, key, default=_REQUIRED):
@@ -97,11 +106,10 @@ def family(reader) -> tuple[str, str]:
     return arch, arch
 
 
-def rope_scaling(reader, p: str) -> dict:
+def rope_scaling(reader, p: str, head_dim: int, theta: float) -> dict:
     """The file's RoPE scaling as rope_parameters entries ({} for none)."""
     if "rope_freqs.weight" in {t.name for t in reader.tensors}:
-        raise InputError("tensor 'rope_freqs.weight' holds per-frequency RoPE factors (Llama-3.1's scaling), "
-                         "which this converter does not read")
+        return llama3_scaling(reader, p, head_dim, theta)
     # yarn's optional settings (betas, attention factor) are left at their defaults on both sides; one given is refused.
     read = {f"{p}.rope.scaling.{key}" for key in ("type", "factor", "original_context_length", "finetuned")}
     if unread := sorted(k for k in reader.fields if k.startswith(f"{p}.rope.scaling.") and k not in read):
@@ -115,6 +123,27 @@ def rope_scaling(reader, p: str) -> dict:
     scaling = {"rope_type": kind, "factor": float(field(reader, f"{p}.rope.scaling.factor"))}
     if kind == "yarn":
         scaling["original_max_position_embeddings"] = field(reader, f"{p}.rope.scaling.original_context_length")
+    return scaling
+
+
+def llama3_scaling(reader, p: str, head_dim: int, theta: float) -> dict:
+    """Llama-3.1's RoPE scaling, read back from the per-frequency divisors in `rope_freqs.weight`."""
+    from gguf import quants
+    if p != "llama" or any(key.startswith(f"{p}.rope.scaling.") for key in reader.fields):
+        raise InputError(f"tensor 'rope_freqs.weight' holds per-frequency RoPE divisors, which this converter reads "
+                         f"only as Llama-3.1's scaling, in a llama file with no {p}.rope.scaling settings")
+    t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    divisors = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").reshape(-1))
+    if divisors.numel() != head_dim // 2:
+        raise InputError(f"tensor 'rope_freqs.weight' holds {divisors.numel()} RoPE divisors; a head of {head_dim} "
+                         f"dims rotates {head_dim // 2} frequencies")
+    scaling = {"rope_type": "llama3", "factor": float(divisors.max()), **LLAMA3_BAND}
+    plain, scaled = (inverse_frequencies(head_dim, theta, s, 0)[0] for s in (None, scaling))
+    # llama.cpp divides in float32 where transformers (and minseekr) scale the frequency: at most an ulp apart.
+    if not torch.allclose(divisors, plain / scaled, rtol=2 ** -22, atol=0):
+        raise InputError(f"tensor 'rope_freqs.weight' holds per-frequency RoPE divisors that Llama-3.1's scaling "
+                         f"(factor {scaling['factor']:g}, low_freq_factor 1, high_freq_factor 4, original context "
+                         f"8192) does not give")
     return scaling
 
 
@@ -140,8 +169,8 @@ def common_config(reader, p: str, fam: str) -> dict:
 def hf_config(reader) -> dict:
     """The config.json that transformers' class for the file's family saves for this model."""
     p, fam = family(reader)
-    config, scaling = common_config(reader, p, fam), rope_scaling(reader, p)
-    theta = float(field(reader, f"{p}.rope.freq_base", 10000.0))
+    config, theta = common_config(reader, p, fam), float(field(reader, f"{p}.rope.freq_base", 10000.0))
+    scaling = rope_scaling(reader, p, config["head_dim"], theta)
     rope = {"rope_type": "default", "rope_theta": theta, **scaling}
     names = {t.name for t in reader.tensors}
     if fam == "llama":
@@ -211,6 +240,8 @@ def state_dict(reader, config: dict, fam: str) -> dict[str, torch.Tensor]:
     expected, state = expected_names(config, fam), {}
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight" and config.get("rope_parameters", {}).get("rope_type") == "llama3":
+            continue   # read into the config by llama3_scaling
         name = hf_name(t.name, block)
         if name not in expected:
             raise InputError(f"tensor {t.name!r} is not part of a {fam} model of this configuration")

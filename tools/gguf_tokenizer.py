@@ -5,10 +5,11 @@ A GGUF file holds no tokenizer file, only llama.cpp's metadata: the tokens, thei
 control, user-defined, byte), the merges of a byte-level BPE vocabulary, the special ids, whether BOS is
 prepended, the chat template. Two kinds convert:
 
-- `tokenizer.ggml.model = "gpt2"`: byte-level BPE with the file's merges (SmolLM2, Qwen2). How text is split
-  before the merges is named by `tokenizer.ggml.pre`: GPT-2's regex (`gpt2`, `default`), GPT-2's plus single
-  digits (`smollm`), or Qwen2's regex (`qwen2`: single digits, letters kept apart from punctuation, runs of
-  newlines). Tokens that are not spelled in the byte alphabet are spelled in it, as transformers' GGUF loader does.
+- `tokenizer.ggml.model = "gpt2"`: byte-level BPE with the file's merges (SmolLM2, Qwen2, Llama-3). How text is
+  split before the merges is named by `tokenizer.ggml.pre`: GPT-2's regex (`gpt2`, `default`), GPT-2's plus single
+  digits (`smollm`), Qwen2's regex (`qwen2`: case-insensitive contractions, single digits, letters kept apart from
+  punctuation, runs of newlines) or Llama-3's (`llama-bpe`: Qwen2's with numbers in runs of up to three digits);
+  another name is refused. Tokens that are not spelled in the byte alphabet are spelled in it, as transformers' GGUF loader does.
 - `tokenizer.ggml.model = "llama"`: a SentencePiece BPE vocabulary with byte fallback (Gemma 3, Mistral, LLaMA-2).
   The file lists no merges; they are the ways each token splits into two tokens, ranked by the token they make:
   by score, except for Gemma, whose scores do not follow its merge order and whose tokens rank by their place in
@@ -34,7 +35,12 @@ CONTROL, USER_DEFINED = 3, 4    # llama.cpp's token types
 # can express. None: GPT-2's own regex, which ByteLevel applies itself.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {"gpt2": None, "default": None, "smollm": None, "qwen2": QWEN2_SPLIT}
+# Llama-3's (GPT-4's cl100k rule): Qwen2's, except that numbers split into runs of up to three digits.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# "llama3" and "llama-v3" are older names llama.cpp reads as "llama-bpe".
+PRE_TOKENIZERS = {"gpt2": None, "default": None, "smollm": None, "qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT,
+                  "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT}
 # Architectures whose SentencePiece merges rank by the token's place in the file rather than by its score.
 RANK_BY_POSITION = ("gemma3",)
 
