@@ -10,8 +10,10 @@ import torch
 
 from conftest import logged, tiny_run_inputs, train_process
 from minseekr.evaluation.data import Task
+from minseekr.engines.engine import build_engine
 from minseekr.evaluation.synthetic import make_records, train_tokenizer
 from minseekr.methods.table import METHODS
+from minseekr.methods.training import prepare
 from minseekr.network.checkpoint import load_hf
 from minseekr.network.model import ModelArgs, Transformer
 from minseekr.network.tokenizer import Tokenizer
@@ -66,6 +68,16 @@ def test_every_method_runs_on_every_family(toy, tmp_path, family, method):
     assert last.args == tiny(family, tok.vocab_size).args   # the family survives the HF round trip
     if METHODS[method].distils_attention:
         assert len(summary["heads"]) == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_gemma3_in_pytorchs_fsdp2(toy, tmp_path, method):
+    tok, tasks = toy
+    settings = cfg(method)
+    engine = build_engine(prepare(tiny("gemma3", tok.vocab_size), method), "torch", betas=settings.betas,
+                          weight_decay=settings.weight_decay)
+    summary = ContinualTrainer(engine, tok, tasks, settings, tmp_path).run_all()
+    assert len(summary["R"]) == (1 if METHODS[method].joint else 2)
 
 
 @pytest.mark.parametrize("method", ["seekr", "olora"])
