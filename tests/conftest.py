@@ -25,6 +25,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_bar_left():
+    """A progress bar a test left open (a simulated crash inside a loop) would indent the next test's bars, whose
+    stderr some tests read line by line: close them when the test ends."""
+    yield
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _on_the_cpu():
     """Every test computes on the CPU, with or without a GPU present: the session's process group is gloo, so every

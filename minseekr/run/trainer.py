@@ -157,30 +157,29 @@ class ContinualTrainer:
         self.model.train()
         for epoch in range(at.epoch, epochs):
             plan, start = plans[epoch], at.micro if epoch == at.epoch else 0
-            bar = tqdm(plan, desc=f"{cfg.method} task {s + 1}/{len(self.stages)} {name} ep {epoch + 1}", leave=False,
-                       initial=start, disable=self.rank != 0)
-            for i, (source, idx) in enumerate(plan[start:], start):
-                memory = None if source == "new" else self.memory.memories[source]
-                part, weight = my_part(idx, self.rank, self.world)   # this rank reads only its samples
-                samples = [train[x] if memory is None else memory[x] for x in part]
-                counts = self.memory.counts(source, idx) if memory is not None else \
-                    {"tokens": sum(tokens[x] for x in idx), "samples": len(idx), "rows": 0,
-                     "lm": sum(lengths[x] - 1 for x in idx)}   # LFPT5's LM terms: every token after a sample's first
-                first = step - step % cfg.grad_accum
-                terms = self.micro_step(samples, weight, counts, memory, n_micro=min(cfg.grad_accum, total - first))
-                for key, value in terms.items():
-                    logged.setdefault(key, [0.0, 0])
-                    logged[key][0] += value
-                    logged[key][1] += 1
-                step += 1
-                bar.update()
-                bar.set_postfix({key: f"{v:.3f}" for key, v in terms.items()})
-                if step % cfg.grad_accum == 0 or step == total:
-                    self.log_step(s, epoch, logged)
-                    logged = {}
-                    if cfg.checkpoint_every and self.method.optimiser.step % cfg.checkpoint_every == 0:
-                        self.save_resume(Position(s, epoch, i + 1, step))
-            bar.close()
+            with tqdm(plan, desc=f"{cfg.method} task {s + 1}/{len(self.stages)} {name} ep {epoch + 1}",
+                      leave=False, initial=start, disable=self.rank != 0) as bar:   # closed on a crash too
+                for i, (source, idx) in enumerate(plan[start:], start):
+                    memory = None if source == "new" else self.memory.memories[source]
+                    part, weight = my_part(idx, self.rank, self.world)   # this rank reads only its samples
+                    samples = [train[x] if memory is None else memory[x] for x in part]
+                    counts = self.memory.counts(source, idx) if memory is not None else \
+                        {"tokens": sum(tokens[x] for x in idx), "samples": len(idx), "rows": 0,
+                         "lm": sum(lengths[x] - 1 for x in idx)}   # LFPT5's LM: every token after a sample's first
+                    first = step - step % cfg.grad_accum
+                    terms = self.micro_step(samples, weight, counts, memory, n_micro=min(cfg.grad_accum, total - first))
+                    for key, value in terms.items():
+                        logged.setdefault(key, [0.0, 0])
+                        logged[key][0] += value
+                        logged[key][1] += 1
+                    step += 1
+                    bar.update()
+                    bar.set_postfix({key: f"{v:.3f}" for key, v in terms.items()})
+                    if step % cfg.grad_accum == 0 or step == total:
+                        self.log_step(s, epoch, logged)
+                        logged = {}
+                        if cfg.checkpoint_every and self.method.optimiser.step % cfg.checkpoint_every == 0:
+                            self.save_resume(Position(s, epoch, i + 1, step))
         self.model.eval()
         self.memory.remember(s, scoring, before, self.method.forward)
         self.method.end_task(s, train, self.tok.pad_id)
