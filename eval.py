@@ -7,6 +7,8 @@
                                                            # also Table 2: each benchmark on θ_0 and the last model,
                                                            # GA and ΔGA (into eval.json)
     python eval.py --model DIR --general boolq,piqa        # the benchmarks alone, on any model directory
+    python eval.py runs/ckl-taalm                          # a train.py --knowledge run: θ_0 and its final θ
+                                                           # re-scored on the run's own TL and NF facts
 
 Answers are extracted with the official TRACE rules and scored with each task's metric (0-100), by greedy
 decoding up to EOS or --max-new-tokens (512) from prompts cut to --max-prompt-len (1024) tokens, as the official
