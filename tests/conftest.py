@@ -1,4 +1,5 @@
 """Shared test fixtures: where ../shared lives (and a skip that says why when it does not), a tiny run's inputs."""
+import contextlib
 import json
 import os
 import subprocess
@@ -135,3 +136,22 @@ def pet_runs(tmp_path_factory):
             made[method] = out
         return inputs, made[method]
     return run
+
+
+@contextlib.contextmanager
+def crash_at(cls, name: str, n: int):
+    """Inside the block, the n-th call of cls.name raises RuntimeError("simulated crash") (a kill at that moment);
+    the method is restored after it."""
+    original, calls = getattr(cls, name), []
+
+    def crashing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kwargs)
+
+    setattr(cls, name, crashing)
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)

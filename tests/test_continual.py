@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import logged, refused, shared_path
+from conftest import crash_at, logged, refused, shared_path
 from minseekr.evaluation.data import Task, load_sequence
 from minseekr.evaluation.synthetic import make_records, train_tokenizer
 from minseekr.methods.peft import read_method
@@ -155,26 +155,15 @@ def small_cfg(method, **kw):
 
 
 @pytest.mark.parametrize("method", ["seekr", "ewc", "lwf", "olora", "pp", "l2p", "lfpt5", "sapt"])
-def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkeypatch, method):
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, method):
     """Crash at the 7th optimiser step (task 2, mid-epoch), resume: same weights, results and log."""
     tok, tasks = toy
     tasks = tasks + [Task("swp", make_records("swp", 64, 0), [], make_records("swp", 8, 1))]
     cfg = small_cfg(method, checkpoint_every=3)
     whole = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "whole").run_all()
 
-    step = ContinualTrainer.optimizer_step
-    calls = []
-
-    def crash_at_7th(self, *args):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("simulated crash")
-        return step(self, *args)
-
-    monkeypatch.setattr(ContinualTrainer, "optimizer_step", crash_at_7th)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at(ContinualTrainer, "optimizer_step", 7), pytest.raises(RuntimeError, match="simulated crash"):
         ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "cut").run_all()
-    monkeypatch.setattr(ContinualTrainer, "optimizer_step", step)
     latest = json.loads((tmp_path / "cut" / "resume" / "latest.json").read_text())["dir"]
     assert latest.startswith("task01-")                 # an in-task resume point, not a task boundary
     resumed = ContinualTrainer(tiny_model(tok.vocab_size), tok, tasks, cfg, tmp_path / "cut").run_all(resume=True)

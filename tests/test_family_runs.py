@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import logged, tiny_run_inputs, train_process
+from conftest import crash_at, logged, tiny_run_inputs, train_process
 from minseekr.evaluation.data import Task
 from minseekr.engines.engine import build_engine
 from minseekr.evaluation.synthetic import make_records, train_tokenizer
@@ -81,22 +81,12 @@ def test_every_method_runs_on_gemma3_in_pytorchs_fsdp2(toy, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["seekr", "olora"])
-def test_a_crashed_gemma3_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkeypatch, method):
+def test_a_crashed_gemma3_run_resumes_to_the_uninterrupted_result(toy, tmp_path, method):
     tok, tasks = toy
     settings = cfg(method, epochs=[2], grad_accum=2, checkpoint_every=2)
     whole = ContinualTrainer(tiny("gemma3", tok.vocab_size), tok, tasks, settings, tmp_path / "whole").run_all()
-    step, calls = ContinualTrainer.optimizer_step, []
-
-    def crash_at_4th(self, *args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return step(self, *args)
-
-    monkeypatch.setattr(ContinualTrainer, "optimizer_step", crash_at_4th)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at(ContinualTrainer, "optimizer_step", 4), pytest.raises(RuntimeError, match="simulated crash"):
         ContinualTrainer(tiny("gemma3", tok.vocab_size), tok, tasks, settings, tmp_path / "cut").run_all()
-    monkeypatch.setattr(ContinualTrainer, "optimizer_step", step)
     resumed = ContinualTrainer(tiny("gemma3", tok.vocab_size), tok, tasks, settings, tmp_path / "cut").run_all(
         resume=True)
     assert resumed.pop("run_dir").endswith("cut") and whole.pop("run_dir").endswith("whole")

@@ -1,20 +1,20 @@
 """LAMA-ckl (TAALM's benchmark): facts, their probes, the authors' metric, and the filter for the model in use.
 
 A fact is (subject, relation, object) with a descriptive probe ("Libya maintains diplomatic relations with
-Brazil ."; the object is not always last: "Laurie Anderson is a poet by profession ."), a schematic one ("Guess the object. \\n  subject is Libya , relation is diplomatic relation , object
+Brazil ."; the object is not always last: "Laurie Anderson is a poet by profession ."), a schematic one
+("Guess the object. \\n  subject is Libya , relation is diplomatic relation , object
 is Brazil") and an evidence document that states it. The metric feeds a probe teacher-forced and takes the arg-max
 at each of the object's tokens: a fact scores the fraction of its object tokens predicted exactly (partial credit
 for a multi-token object), a set the mean over its facts. The sets were filtered for the authors' models; `split`
 re-filters for the model in use: to learn (TL) = facts it scores 0 on, not to forget (NF) = facts it scores 1 on.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from minseekr.runtime import InputError
+from minseekr.runtime import InputError, read_json
 
 FILES = {"variant": "variant.jsonl", "descriptive": "invariant_descriptive.jsonl",
          "schematic": "invariant_schematic.jsonl"}
@@ -40,13 +40,7 @@ def load_facts(path) -> list[Fact]:
     path, facts = Path(path), []
     if not path.is_file():
         raise InputError(f"{path} not found (a LAMA-ckl file: {', '.join(FILES.values())})")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in read_json(path, dict, lines=True):   # the project's one JSON reader: each line an object
         if missing := [f for f in FIELDS if not isinstance(row.get(f), str) or not row[f]]:
             raise InputError(f"{path}:{n}: field {missing[0]!r} must be a non-empty string")
         facts.append(Fact(row["uuid"], row["subject"], row["relation_label"], row["object"],

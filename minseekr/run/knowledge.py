@@ -38,7 +38,7 @@ from minseekr.run.config import (AT_LEAST_1, NONNEGATIVE, POSITIVE, SEED, UNIT, 
                                  read_settings, typed_flags, validate)
 from minseekr.run.resume import LATEST, Position, latest_point, load_sharded, write_point
 from minseekr.run.rundir import RunDir
-from minseekr.runtime import InputError, all_reduce, atomic_write, disk_space, init_distributed, print0
+from minseekr.runtime import InputError, all_reduce, atomic_write, disk_space, init_distributed, print0, read_json
 from minseekr.seekr.buffer import device_batch
 
 METHODS = ("finetune", "oracle", "rho1", "taalm")
@@ -96,8 +96,7 @@ def episode(tok, fact, cfg):
     ids, lo, hi = probe_ids(tok, fact, "schematic")
     weights = torch.zeros(1, len(ids) - 1)
     weights[0, lo - 1:hi - 1] = 1.0                                   # predicting the object's tokens
-    ones = lambda t: torch.ones_like(t)   # noqa: E731
-    return {"input_ids": doc, "attention_mask": ones(doc)}, {
+    return {"input_ids": doc, "attention_mask": torch.ones_like(doc)}, {
         "input_ids": torch.tensor(ids)[None], "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
         "weights": weights}
 
@@ -134,7 +133,7 @@ class KnowledgeTrainer:
         file = self.run.root / "filter.json"
         variant, known = self.facts["variant"], self.facts["descriptive"]
         if file.is_file():
-            chosen = json.loads(file.read_text())
+            chosen = read_json(file, dict)
         else:
             s_var = score_facts(self.model, self.tok, variant, batch_size=self.cfg.eval_batch, progress=self.rank == 0)
             s_known = score_facts(self.model, self.tok, known, batch_size=self.cfg.eval_batch, progress=self.rank == 0)
@@ -326,7 +325,7 @@ def evaluate(run_dir, batch_size: int = 16) -> dict:
         if not file.exists():
             raise InputError(f"{file} not found: not a finished run of train.py --knowledge ...")
     cfg = read_settings(run.root / "knowledge.json", KnowledgeConfig)
-    chosen = json.loads((run.root / "filter.json").read_text())
+    chosen = read_json(run.root / "filter.json", dict)
     facts = {f.uuid: f for name in FILES.values() for f in load_facts(Path(cfg.knowledge) / name)}
     learn, keep = [facts[u] for u in chosen["learn"]], [facts[u] for u in chosen["keep"]]
     tok = Tokenizer(cfg.tokenizer or find_tokenizer(cfg.model))
