@@ -245,7 +245,7 @@ def read_json(path, what: type | None = None, lines: bool = False):
             value = json.loads(text, parse_constant=refuse)
         except json.JSONDecodeError as e:
             at = f"column {e.colno}" if lines else f"line {e.lineno}, column {e.colno}"
-            raise InputError(f"{where}: not valid JSON ({e.msg} at {at})") from None
+            raise InputError(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at {at})") from None
         except RecursionError:
             raise InputError(f"{where}: JSON nested too deeply to read (the limit is about "
                              f"{sys.getrecursionlimit()} levels)") from None

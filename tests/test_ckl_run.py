@@ -3,13 +3,17 @@ to the uninterrupted result, trains over two ranks as one process, and eval.py r
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, logged, refused, shared_path, train_process
+from conftest import ROOT, crash_at, logged, refused, shared_path, train_process
 from minseekr.network.checkpoint import load_hf
 from minseekr.run.knowledge import METHODS, KnowledgeConfig, KnowledgeTrainer
+from minseekr.runtime import InputError
 
 
 def settings(out, method="finetune", **kw):
@@ -38,25 +42,100 @@ def test_each_method_learns_with_the_authors_table(tmp_path, method):
     assert (tmp_path / "run" / "phi.safetensors").is_file() == (method == "taalm")
 
 
-def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    whole = KnowledgeTrainer(settings(tmp_path / "whole", "taalm", epochs=3), tmp_path / "whole", "cpu").run_all()
-    step, calls = KnowledgeTrainer.train_epoch, []
+CRASHES = {   # method, (class, method, n): the n-th call raises, as a kill at that moment would stop the run; each
+    # after a line was logged past the last resume point (φ's at step 3; θ's after epoch 1 of 2 steps)
+    "taalm in φ's meta-training": ("taalm", torch.optim.AdamW, "step", 5),
+    "taalm in a LoRA φ's meta-training": ("taalm", torch.optim.AdamW, "step", 5),
+    "taalm inside the second epoch": ("taalm", "engine", "optimizer_step", 4),
+    "taalm between epochs": ("taalm", KnowledgeTrainer, "train_epoch", 3),
+    "rho1 between epochs": ("rho1", KnowledgeTrainer, "train_epoch", 3),   # its reference stays θ_0's
+    "mixreview inside the second epoch": ("mixreview", "engine", "optimizer_step", 4),
+    "recadam inside the second epoch": ("recadam", "engine", "optimizer_step", 4),   # θ_0 stays its anchor
+}
 
-    def crash_in_the_third(self, epoch, *args):
-        calls.append(epoch)
-        if epoch == 2:
-            raise RuntimeError("simulated crash")
-        return step(self, epoch, *args)
 
-    monkeypatch.setattr(KnowledgeTrainer, "train_epoch", crash_in_the_third)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        KnowledgeTrainer(settings(tmp_path / "cut", "taalm", epochs=3), tmp_path / "cut", "cpu").run_all()
-    monkeypatch.setattr(KnowledgeTrainer, "train_epoch", step)
-    resumed = KnowledgeTrainer(settings(tmp_path / "cut", "taalm", epochs=3), tmp_path / "cut", "cpu").run_all(
-        resume=True)
+@pytest.mark.parametrize("moment", CRASHES)
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, moment):
+    method, cls, name, n = CRASHES[moment]
+    kw = dict(epochs=3, episodes=10, phi_checkpoint_every=3, phi_lora=2 if "LoRA" in moment else 0, recadam_t0=2,
+              recadam_k=1.0, recadam_gamma=10.0)
+    cut = settings(tmp_path / "cut", method, **kw)
+    whole = KnowledgeTrainer(settings(tmp_path / "whole", method, **kw), tmp_path / "whole", "cpu").run_all()
+    trainer = KnowledgeTrainer(cut, cut.out, "cpu")
+    with crash_at(type(trainer.engine) if cls == "engine" else cls, name, n), \
+            pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.run_all()
+    assert (tmp_path / "cut" / "resume" / "phi.safetensors").is_file() == ("φ" in moment)
+    resumed = KnowledgeTrainer(cut, cut.out, "cpu").run_all(resume=True)
     assert resumed == whole
+    for file in ("metrics.jsonl", "filter.json"):
+        assert (tmp_path / "cut" / file).read_bytes() == (tmp_path / "whole" / file).read_bytes(), file
+    if method == "taalm":   # φ bit for bit (safetensors orders a header's metadata as it likes: compared as dicts)
+        cut_phi, whole_phi = (tmp_path / run / "phi.safetensors" for run in ("cut", "whole"))
+        assert safe_open(str(cut_phi), "pt").metadata() == safe_open(str(whole_phi), "pt").metadata()
+        a, b = load_file(cut_phi), load_file(whole_phi)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "resume" / "phi.safetensors").exists()
     a, b = (load_hf(tmp_path / run / "checkpoints" / "final") for run in ("whole", "cut"))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def copy_data(tmp_path, edit=None):
+    """A copy of LAMA-ckl in tmp_path/data, each file's rows passed through edit(name, rows) when given."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("variant.jsonl", "invariant_descriptive.jsonl", "invariant_schematic.jsonl"):
+        rows = [json.loads(line) for line in shared_path("data", "lama-ckl", name).read_text().splitlines()]
+        rows = edit(name, rows) if edit else rows
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def crashed_run(tmp_path, method="taalm", **kw):
+    """A run on a copy of the data, crashed before its second epoch (one resume point, φ kept)."""
+    cfg = settings(tmp_path / "run", method, epochs=2, knowledge=str(copy_data(tmp_path)), **kw)
+    with crash_at(KnowledgeTrainer, "train_epoch", 2), pytest.raises(RuntimeError):
+        KnowledgeTrainer(cfg, cfg.out, "cpu").run_all()
+    return cfg, tmp_path / "run"
+
+
+def test_a_resume_refuses_other_inputs_naming_what_changed(tmp_path):
+    cfg, run = crashed_run(tmp_path)
+    variant = Path(cfg.knowledge) / "variant.jsonl"
+    original = variant.read_text()
+    first = json.loads(original.splitlines()[0])
+    variant.write_text(original.replace(json.dumps(first["evidence"])[1:-1], "Edited evidence.", 1))
+    with pytest.raises(InputError, match=r"filter.json was written for other inputs than this run has: "
+                                         r"task variant's records"):
+        KnowledgeTrainer(cfg, cfg.out, "cpu").run_all(resume=True)
+    variant.write_text(original)
+    edited = json.loads((run / "knowledge.json").read_text())
+    with pytest.raises(InputError, match=r"setting method: 'taalm' → 'oracle'"):
+        KnowledgeTrainer(KnowledgeConfig(**{**edited, "method": "oracle"}), cfg.out, "cpu").run_all(resume=True)
+
+
+def test_a_resume_refuses_an_edited_log_filter_or_phi(tmp_path):
+    cfg, run = crashed_run(tmp_path)
+    log, text = run / "metrics.jsonl", (run / "metrics.jsonl").read_text()
+    for damaged in (text.replace('"epoch": 0', '"epoch": 9'), None):
+        log.write_text(damaged) if damaged else log.unlink()
+        with pytest.raises(InputError, match="metrics.jsonl no longer starts with"):
+            KnowledgeTrainer(cfg, cfg.out, "cpu").run_all(resume=True)
+    log.write_text(text)
+    chosen = json.loads((run / "filter.json").read_text())
+    (run / "filter.json").write_text(json.dumps({**chosen, "learn": ["nope"] + chosen["learn"][1:]}))
+    with pytest.raises(InputError, match="filter.json: learn names 'nope', which variant.jsonl does not hold"):
+        KnowledgeTrainer(cfg, cfg.out, "cpu").run_all(resume=True)
+    (run / "filter.json").write_text(json.dumps(chosen))
+    phi, whole = run / "phi.safetensors", (run / "phi.safetensors").read_bytes()
+    tensors = load_file(phi)
+    tensors["phi.trunk.lm_head.bias"][0] = float("nan")
+    save_file(tensors, phi, metadata=safe_open(str(phi), "pt").metadata())
+    with pytest.raises(InputError, match="phi.safetensors: phi.trunk.lm_head.bias holds NaN"):
+        KnowledgeTrainer(cfg, cfg.out, "cpu").run_all(resume=True)
+    phi.write_bytes(whole[:1000])
+    with pytest.raises(InputError, match="phi.safetensors: unreadable .*delete it to meta-train φ again"):
+        KnowledgeTrainer(cfg, cfg.out, "cpu").run_all(resume=True)
 
 
 @pytest.mark.parametrize("fsdp", ["minseekr", "torch"])
@@ -81,6 +160,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "variant.jsonl not found" in err
     err = refused(capsys, [*flags(cfg), "--method", "mtl", "--out", str(tmp_path / "c")])
     assert "--method" in err and "finetune" in err
+    err = refused(capsys, [*flags(cfg), "--max-len", "100000", "--out", str(tmp_path / "d")])
+    assert "--max-len 100000" in err and "512 positions" in err
+
+
+def test_the_device_defaults_and_a_run_without_nf_facts_reports_none(tmp_path, capsys, monkeypatch):
+    """No --device: the CPU where no GPU is visible. Facts θ_0 does not know as NF: NF is null, not a crash."""
+    def unknowable(name, rows):
+        return rows if name != "invariant_descriptive.jsonl" else [
+            {**r, "object": "Zqxv Wjyk", "task_descriptive": f"{r['subject']} is Zqxv Wjyk ."} for r in rows]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = settings(tmp_path / "run", knowledge=str(copy_data(tmp_path, unknowable)), epochs=1)
+    sys.path.insert(0, str(ROOT))
+    import train
+    train.main([a for a in flags(cfg) if a not in ("--device", "cpu")] + ["--out", cfg.out])
+    assert "NF Acc — (no NF fact kept)" in capsys.readouterr().err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["keep"] == 0 and results["nf_acc"] is None
 
 
 def test_the_curves_are_drawn_where_matplotlib_is_installed(tmp_path):

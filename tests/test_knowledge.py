@@ -1,10 +1,15 @@
-"""Continual knowledge learning (TAALM's LAMA-ckl): the metric, the split, the weighted loss and the token weights."""
+"""Continual knowledge learning (TAALM's LAMA-ckl): the metric, the split, the weighted loss, the token weights,
+and the Mix-Review and RecAdam baselines."""
 import json
+import math
+import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import shared_path
+from minseekr.knowledge.baselines import RecAdam, anneal, review_indices, review_pool
 from minseekr.knowledge.lama import Fact, load_facts, probe_ids, score_facts, split, summary
 from minseekr.knowledge.weights import object_mask, oracle_weights, rho1_weights, token_nll, weighted_loss
 from minseekr.runtime import InputError
@@ -66,13 +71,28 @@ def test_split_and_the_authors_summary():
     got = summary(tl=[0.1, 0.4, 0.4, 0.2], nf=[0.9, 0.7, 0.6, 0.5])   # epoch 0 is θ_0
     assert got == {"top_acc": 0.4, "epoch": 1, "nf_acc": 0.7, "total_knowledge": pytest.approx(1.1)}
     assert summary(tl=[0.0, 0.5], nf=[None, None])["total_knowledge"] == 0.5
+    nothing_learnt = summary(tl=[0.0, 0.0, 0.0], nf=[1.0, 0.8, 0.6])     # θ_0's NF is never the credit
+    assert nothing_learnt == {"top_acc": 0.0, "epoch": 1, "nf_acc": 0.8, "total_knowledge": 0.8}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "holds no fact"),
+    ([{"object": " "}], "v.jsonl:1: field 'object' must be a string with text in it"),
+    ([{}, {"subject": "Other"}], "v.jsonl:2: uuid 'u' is already line 1's"),
+])
+def test_a_file_the_run_cannot_name_facts_in_is_refused(tmp_path, rows, message):
+    good = {"uuid": "u", "subject": "S", "relation_label": "r", "object": "O", "task_descriptive": "S r O .",
+            "task_schematic": "s S r O", "evidence": "S r O."}
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({**good, **row}) + "\n" for row in rows))
+    with pytest.raises(InputError, match=message):
+        load_facts(tmp_path / "v.jsonl")
 
 
 def test_loading_names_the_bad_line(tmp_path):
     good = {"uuid": "u", "subject": "s", "relation_label": "r", "object": "o", "task_descriptive": "s r o .",
             "task_schematic": "x o", "evidence": "doc"}
     (tmp_path / "v.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "object": ""}) + "\n")
-    with pytest.raises(InputError, match=r"v.jsonl:2: field 'object' must be a non-empty string"):
+    with pytest.raises(InputError, match=r"v.jsonl:2: field 'object' must be a string with text in it"):
         load_facts(tmp_path / "v.jsonl")
 
 
@@ -114,3 +134,55 @@ def test_rho1_keeps_the_top_fraction_by_excess_loss_per_document():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])             # the second's last token is padding
     got = rho1_weights(nll, ref, 0.5, mask)
     assert got.tolist() == [[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize("engine_kind", ["minseekr", "torch"])
+def test_recadam_is_annealed_adamw_then_a_decoupled_pull_to_theta_0(engine_kind):
+    """Against torch.optim.AdamW on the whole model at lr·λ(t), then θ ← θ − lr·(1 − λ(t))·γ·(θ − θ_0)."""
+    from minseekr.engines.engine import load_engine
+    from minseekr.engines.fsdp_torch import decay_groups
+    from minseekr.network.checkpoint import load_hf
+    from minseekr.runtime import init_distributed
+    init_distributed("cpu")
+    path, lr, k, t0, gamma = shared_path("artifacts", "stories260K-hf"), 1e-2, 1.0, 2.0, 10.0
+    engine = load_engine(path, engine_kind, device="cpu", compute_dtype=torch.float32, weight_decay=0.01)
+    recall = RecAdam(engine, k=k, t0=t0, gamma=gamma)
+    model = load_hf(path, dtype=torch.float32)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = torch.optim.AdamW(decay_groups(model, 0.01), lr=lr)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    lams = []
+    for t in range(1, 4):
+        token_nll(engine.model(ids), ids).mean().backward()
+        recall.step(lr)
+        engine.zero_grad()
+        token_nll(model(ids), ids).mean().backward()
+        lams.append(anneal(t, k, t0))
+        for group in reference.param_groups:
+            group["lr"] = lr * lams[-1]
+        reference.step()
+        reference.zero_grad()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.sub_(p - theta0[n], alpha=lr * (1 - lams[-1]) * gamma)
+    assert lams == pytest.approx([1 / (1 + math.e), 0.5, 1 / (1 + 1 / math.e)])
+    got = dict(engine.full_tensors())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(got[n], theta0[n]) for n in theta0)
+
+
+def test_anneal_is_the_logistic_and_never_overflows():
+    assert anneal(250, 0.5, 250) == 0.5 and anneal(0, 0.5, 250) == pytest.approx(1 / (1 + math.exp(125)))
+    assert anneal(0, 10.0, 1000) == 0.0 and anneal(10**6, 0.5, 250) == 1.0
+
+
+def test_mix_review_pools_unevaluated_facts_and_cycles_them_per_batch():
+    facts = [replace(fact(f"a b {o} .", o, str(n)), evidence=f"doc {o}") for n, o in enumerate("xyz", 1)]
+    same_evidence = Fact("4", "s", "r", "w", "a w .", "s w", facts[0].evidence)   # the benchmark's files share some
+    assert [f.uuid for f in review_pool(facts + [facts[2], same_evidence], {"1"})] == ["2", "3"]
+    batches = review_indices([4, 4, 2], pool_size=3, ratio=0.5, rng=random.Random(0))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:3]) == [0, 1, 2]                   # each document once before any is seen again
+    assert review_indices([3], pool_size=3, ratio=0.0, rng=random.Random(0)) == [[]]

@@ -44,16 +44,19 @@ def episode():
     return doc, probe
 
 
-@pytest.mark.parametrize("warmup", [0])
-def test_phis_gradient_through_the_inner_step_is_the_finite_difference(warmup):
+@pytest.mark.parametrize("lora_rank", [0, 2], ids=["whole φ", "LoRA φ"])
+def test_phis_gradient_through_the_inner_step_is_the_finite_difference(lora_rank, warmup=0):
     """The whole derivative of J in φ, one inner step (with a warm-up step before it, φ's weights there are held
     fixed, as in the authors' code: the toy test below composes exactly that)."""
-    learner, phi = tiny(0), TrainAttention(tiny(1)).double()
+    learner, phi = tiny(0), TrainAttention(tiny(1), lora_rank=lora_rank).double()
     with torch.no_grad():                     # away from w ≈ 1, where sigmoid flattens every difference
         phi.trunk.lm_head.bias.fill_(0.3)
+        for B in (phi.lora.loras[0].B.values() if lora_rank else ()):
+            B.normal_(0, 0.3)                 # B = 0 at first: A's gradient would be 0 on both sides
     doc, probe = episode()
     J = meta_loss(learner, phi, doc, probe, lr=0.05, warmup=warmup)
-    params = [p for p in phi.parameters()]
+    params = [p for p in phi.parameters() if p.requires_grad]
+    assert len(params) == (2 + 2 * 7 if lora_rank else len(list(phi.parameters())))   # head; A, B of 7 projections
     got = torch.autograd.grad(J, params)
     h = 1e-6
     for p, g in zip(params, got):
@@ -134,3 +137,17 @@ def test_phi_starts_near_plain_fine_tuning_and_weighs_no_padding():
         w = phi.weights(ids, mask)
     assert w.shape == (2, 5) and torch.allclose(w[0], torch.full((5,), torch.sigmoid(torch.tensor(4.0)).item()))
     assert w[1, 3:].tolist() == [0.0, 0.0]
+
+
+def test_a_lora_phi_starts_as_the_whole_one_and_trains_only_its_lora_and_head():
+    ids = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    whole = TrainAttention(tiny(1).float())
+    torch.manual_seed(5)
+    lora = TrainAttention(tiny(1).float(), lora_rank=4)
+    with torch.no_grad():
+        assert torch.equal(whole.weights(ids), lora.weights(ids))        # B = 0: the LoRA changes nothing yet
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trained == {"trunk.lm_head.weight", "trunk.lm_head.bias"} | {
+        f"lora.loras.0.{m}.0_{t}" for m in "AB" for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj")}

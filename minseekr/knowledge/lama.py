@@ -40,11 +40,17 @@ def load_facts(path) -> list[Fact]:
     path, facts = Path(path), []
     if not path.is_file():
         raise InputError(f"{path} not found (a LAMA-ckl file: {', '.join(FILES.values())})")
+    seen = {}
     for n, row in read_json(path, dict, lines=True):   # the project's one JSON reader: each line an object
-        if missing := [f for f in FIELDS if not isinstance(row.get(f), str) or not row[f]]:
-            raise InputError(f"{path}:{n}: field {missing[0]!r} must be a non-empty string")
+        if missing := [f for f in FIELDS if not isinstance(row.get(f), str) or not row[f].strip()]:
+            raise InputError(f"{path}:{n}: field {missing[0]!r} must be a string with text in it")
+        if row["uuid"] in seen:   # the filter and the run name facts by uuid
+            raise InputError(f"{path}:{n}: uuid {row['uuid']!r} is already line {seen[row['uuid']]}'s")
+        seen[row["uuid"]] = n
         facts.append(Fact(row["uuid"], row["subject"], row["relation_label"], row["object"],
                           row["task_descriptive"], row["task_schematic"], row["evidence"]))
+    if not facts:
+        raise InputError(f"{path} holds no fact")
     return facts
 
 
@@ -95,10 +101,12 @@ def split(facts: list[Fact], scores: list[float]) -> tuple[list[Fact], list[Fact
 
 
 def summary(tl: list[float], nf: list[float | None]) -> dict:
-    """The authors' table from accuracies after 0, 1, …, E epochs (0: θ_0, as the authors count it): Top Acc (the
-    best TL accuracy), the Epoch it is reached at (the first if tied), NF Acc at that epoch, and Total Knowledge =
-    Top Acc + NF Acc (NF None: no known fact was kept, and Total Knowledge is Top Acc's alone)."""
-    if not tl or len(tl) != len(nf):
-        raise ValueError(f"need one TL and one NF accuracy per epoch, got {len(tl)} and {len(nf)}")
-    best = max(range(len(tl)), key=lambda e: (tl[e], -e))
+    """The authors' table from accuracies after 0, 1, …, E epochs (0: θ_0): Top Acc (the best TL accuracy of a
+    trained epoch, 1..E), the Epoch it is reached at (the first if tied), NF Acc at that epoch, and Total Knowledge =
+    Top Acc + NF Acc (NF None: no known fact was kept, and Total Knowledge is Top Acc's alone). θ_0 is not a
+    candidate: it knows no TL fact by construction, and a run that learnt nothing would be credited θ_0's NF."""
+    if len(tl) < 2 or len(tl) != len(nf):
+        raise ValueError(f"need one TL and one NF accuracy for θ_0 and each of ≥ 1 epochs, got {len(tl)} and "
+                         f"{len(nf)}")
+    best = max(range(1, len(tl)), key=lambda e: (tl[e], -e))
     return {"top_acc": tl[best], "epoch": best, "nf_acc": nf[best], "total_knowledge": tl[best] + (nf[best] or 0.0)}

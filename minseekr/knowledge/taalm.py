@@ -23,17 +23,25 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minseekr.knowledge.weights import weighted_loss
+from minseekr.methods.peft import PROJECTIONS, LoRA, LoRABank, freeze
 
 
 class TrainAttention(nn.Module):
-    """φ: a Transformer trunk with a one-output head per token; `weights` gives w for tokens 1..S−1."""
+    """φ: a Transformer trunk with a one-output head per token; `weights` gives w for tokens 1..S−1.
 
-    def __init__(self, trunk, bias: float = 4.0):
+    `lora_rank` 0: every parameter trains. Otherwise the authors' form of φ: the trunk frozen, a LoRA of that rank
+    (α = 2·rank) on every projection of every block (`methods.peft`), and the new head, train."""
+
+    def __init__(self, trunk, bias: float = 4.0, lora_rank: int = 0):
         super().__init__()
-        self.trunk = trunk
+        self.trunk = freeze(trunk) if lora_rank else trunk
         self.trunk.lm_head = nn.Linear(trunk.args.dim, 1)   # replaces (and unties) the vocabulary head
         with torch.no_grad():
             self.trunk.lm_head.bias.fill_(bias)
+        if lora_rank:
+            self.lora = LoRABank()
+            self.lora.add(LoRA(trunk.args, targets=tuple(PROJECTIONS), rank=lora_rank, alpha=2.0 * lora_rank))
+            self.lora.attach(self.trunk)
 
     def weights(self, ids, mask=None) -> torch.Tensor:
         """(B, S−1): w_t = sigmoid(φ(x)_t) for t ≥ 1, zero on padding."""

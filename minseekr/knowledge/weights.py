@@ -12,7 +12,7 @@ only in w:
               token weighting
     rho1      w = 1 on the fraction of tokens with the largest excess loss nll_θ − nll_ref against a reference
               model (RHO-1, Lin et al. 2024), 0 elsewhere
-    taalm     w = sigmoid(φ(x)), φ the meta-learned Train-Attention model (`train_attention.py`)
+    taalm     w = sigmoid(φ(x)), φ the meta-learned Train-Attention model (`taalm.py`)
 """
 import torch
 import torch.nn.functional as F

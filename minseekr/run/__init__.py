@@ -10,6 +10,7 @@
     demo.py         the built-in demo behind `python train.py`
     knowledge.py    continual knowledge learning on LAMA-ckl (`train.py --knowledge`): the filter, φ's meta-training,
                     the epochs with a method's token weights, the authors' table
+    phi.py          TAALM's φ meta-learned as a stage of a knowledge run, resumable step by step
 
 Imports: every floor below (`minseekr.runtime`, `network`, `seekr`, `evaluation`, `engines`, `methods`).
 `train.py`, `eval.py` and `tools/` stand on top; nothing in the package imports them.

@@ -18,6 +18,7 @@ a killed process left in the run's own folders.
 """
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -107,6 +108,26 @@ class RunDir:
             yield
         finally:
             os.close(fd)              # releases the lock
+
+    def log_mark(self) -> dict:
+        """What metrics.jsonl holds now (its length and digest), kept in a resume point."""
+        logged = self.metrics.read_bytes() if self.metrics.exists() else b""
+        return {"metrics_bytes": len(logged), "metrics_sha256": hashlib.sha256(logged).hexdigest()}
+
+    def rewind_log(self, mark: dict | None):
+        """metrics.jsonl cut back to what it held at `mark` (None: emptied): what was logged after the resume point
+        goes, so a resumed run logs each line once. Refused if the log no longer starts with the marked bytes."""
+        if mark is None:
+            self.metrics.unlink(missing_ok=True)
+            return
+        if not {"metrics_bytes", "metrics_sha256"} <= set(mark):
+            raise InputError(f"{self.metrics}: the resume point holds no mark of the log (written by an older "
+                             f"minseekr?): start the run again")
+        logged = self.metrics.read_bytes()[:mark["metrics_bytes"]] if self.metrics.exists() else b""
+        if hashlib.sha256(logged).hexdigest() != mark["metrics_sha256"]:
+            raise InputError(f"{self.metrics} no longer starts with the {mark['metrics_bytes']} bytes logged before "
+                             f"the resume point (edited or emptied?): restore it, or start the run again")
+        atomic_write(self.metrics, lambda tmp: tmp.write_bytes(logged))
 
     def check_empty(self):
         """A new run's directory holds nothing but its lock: never an earlier run, nor files of the user's."""

@@ -41,7 +41,6 @@ Resume. Every draw is seeded by (seed, task, epoch), so a position in the plan f
 far, head selection, position, bytes of metrics.jsonl), written every `checkpoint_every` optimiser steps and
 after each task.
 """
-import hashlib
 import json
 import math
 import random
@@ -277,9 +276,8 @@ class ContinualTrainer:
 
     def save_resume(self, position: Position):
         """A resume point: sharded weights + AdamW, the method's state and the run's; then `resume/latest.json`."""
-        logged = self.run.metrics.read_bytes() if self.run.metrics.exists() else b""
         state = {"R": self.R, "base": self.base, "heads": self.memory.selected, "fingerprint": self.fingerprint,
-                 "metrics_bytes": len(logged), "metrics_sha256": hashlib.sha256(logged).hexdigest()}
+                 **self.run.log_mark()}
         write_point(self.run.resume, position, self.engine, state, self.method.save)
 
     def restore(self) -> Position | None:
@@ -288,8 +286,8 @@ class ContinualTrainer:
         if not self.run.config.is_file():
             raise InputError(f"{self.run.root} holds no run to resume ({self.run.config.name} not found)")
         if not (self.run.resume / LATEST).is_file():
-            if self.rank == 0 and self.run.metrics.exists():
-                self.run.metrics.unlink()
+            if self.rank == 0:
+                self.run.rewind_log(None)
             return None
         path = latest_point(self.run.resume)
         with together():   # each rank reads its own files: every rank stops if one cannot
@@ -307,9 +305,5 @@ class ContinualTrainer:
         self.R, self.base = state["R"], state["base"]
         self.memory.restore(state["heads"], at.task)
         if self.rank == 0:   # drop what was logged after the resume point, keeping what was logged before it
-            logged = self.run.metrics.read_bytes()[:state["metrics_bytes"]] if self.run.metrics.exists() else b""
-            if hashlib.sha256(logged).hexdigest() != state["metrics_sha256"]:
-                raise InputError(f"{self.run.metrics} no longer starts with the {state['metrics_bytes']} bytes logged "
-                                 f"before the resume point (edited or emptied?): restore it, or start the run again")
-            atomic_write(self.run.metrics, lambda tmp: tmp.write_bytes(logged))
+            self.run.rewind_log(state)
         return at
