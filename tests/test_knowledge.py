@@ -79,6 +79,7 @@ def test_split_and_the_authors_summary():
     ([], "holds no fact"),
     ([{"object": " "}], "v.jsonl:1: field 'object' must be a string with text in it"),
     ([{}, {"subject": "Other"}], "v.jsonl:2: uuid 'u' is already line 1's"),
+    ([{"task_schematic": "s S r"}], "v.jsonl:1: the object 'O' is not in field 'task_schematic'"),
 ])
 def test_a_file_the_run_cannot_name_facts_in_is_refused(tmp_path, rows, message):
     good = {"uuid": "u", "subject": "S", "relation_label": "r", "object": "O", "task_descriptive": "S r O .",

@@ -44,6 +44,9 @@ def load_facts(path) -> list[Fact]:
     for n, row in read_json(path, dict, lines=True):   # the project's one JSON reader: each line an object
         if missing := [f for f in FIELDS if not isinstance(row.get(f), str) or not row[f].strip()]:
             raise InputError(f"{path}:{n}: field {missing[0]!r} must be a string with text in it")
+        if absent := [f for f in ("task_descriptive", "task_schematic") if row["object"] not in row[f]]:
+            raise InputError(f"{path}:{n}: the object {row['object']!r} is not in field {absent[0]!r}, the probe "
+                             f"that scores it")
         if row["uuid"] in seen:   # the filter and the run name facts by uuid
             raise InputError(f"{path}:{n}: uuid {row['uuid']!r} is already line {seen[row['uuid']]}'s")
         seen[row["uuid"]] = n
