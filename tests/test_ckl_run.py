@@ -153,6 +153,16 @@ def test_two_ranks_train_as_one_process_and_eval_rescores_the_run(tmp_path, caps
     assert scored["final"]["tl"] == pytest.approx(single["tl"][-1], abs=1e-6) and scored["θ_0"]["tl"] == 0.0
 
 
+def test_eval_refuses_to_rescore_a_run_on_edited_data(tmp_path, capsys):
+    cfg = settings(tmp_path / "run", knowledge=str(copy_data(tmp_path)), epochs=1)
+    KnowledgeTrainer(cfg, cfg.out, "cpu").run_all()
+    variant = Path(cfg.knowledge) / "variant.jsonl"
+    variant.write_text(variant.read_text().replace('"evidence": "', '"evidence": "Edited. ', 1))
+    sys.path.insert(0, str(ROOT))
+    err = refused(capsys, [cfg.out], script="eval")
+    assert "are not those the run was trained and filtered on" in err
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     cfg = settings(tmp_path / "run")
     assert "needs --model DIR" in refused(capsys, ["--knowledge", cfg.knowledge, "--out", str(tmp_path / "a")])

@@ -104,6 +104,22 @@ class KnowledgeConfig:
         validate(self)
 
 
+def picked(chosen: dict, facts: dict, file) -> list[list]:
+    """[TL, NF] as filter.json (`file`) names them: from variant.jsonl and invariant_descriptive.jsonl."""
+    out = []
+    for key, kind in (("learn", "variant"), ("keep", "descriptive")):
+        by_id = {f.uuid: f for f in facts[kind]}
+        if missing := [u for u in chosen.get(key, []) if u not in by_id]:
+            raise InputError(f"{file}: {key} names {missing[0]!r}, which {FILES[kind]} does not hold")
+        out.append([by_id[u] for u in chosen.get(key, [])])
+    return out
+
+
+def data_digests(facts: dict) -> dict:
+    """Each LAMA-ckl file's digest, as the run's fingerprint keeps it."""
+    return {kind: digest([asdict(f) for f in group]) for kind, group in facts.items()}
+
+
 def documents(tok, facts, cfg):
     """Each fact's evidence as tokens (BOS first, cut to max_len) and, for the oracle, its object mask."""
     out = []
@@ -133,7 +149,7 @@ class KnowledgeTrainer:
         # reads back on resume: filter.json, φ's files and the resume points.
         self.fingerprint = fingerprint(self.engine, self.tok, [], {k: v for k, v in asdict(cfg).items()
                                                                    if k not in _PLACES}, None)
-        self.fingerprint["tasks"] = {kind: digest([asdict(f) for f in facts]) for kind, facts in self.facts.items()}
+        self.fingerprint["tasks"] = data_digests(self.facts)
 
     def held_to(self, recorded, file):
         """Refuse `file`, written by a run with other inputs than this one's."""
@@ -172,13 +188,7 @@ class KnowledgeTrainer:
             print0(f"filter: θ_0 scores 0 on {sum(s == 0 for s in s_var)} of {len(variant)} facts to learn and 1 on "
                    f"{sum(s == 1 for s in s_known)} of {len(known)} known facts; kept {len(chosen['learn'])} TL, "
                    f"{len(chosen['keep'])} NF")
-        picked = []
-        for key, group, name in (("learn", variant, FILES["variant"]), ("keep", known, FILES["descriptive"])):
-            by_id = {f.uuid: f for f in group}
-            if missing := [u for u in chosen[key] if u not in by_id]:
-                raise InputError(f"{file}: {key} names {missing[0]!r}, which {name} does not hold")
-            picked.append([by_id[u] for u in chosen[key]])
-        return picked
+        return picked(chosen, self.facts, file)
 
     def phi(self, evaluated: set, rewind: bool) -> TrainAttention:
         """taalm's φ (`phi.py`), meta-learned on facts outside `evaluated`."""
@@ -358,8 +368,11 @@ def evaluate(run_dir, batch_size: int = 16) -> dict:
             raise InputError(f"{file} not found: not a finished run of train.py --knowledge ...")
     cfg = read_settings(run.root / "knowledge.json", KnowledgeConfig)
     chosen = read_json(run.root / "filter.json", dict)
-    facts = {f.uuid: f for name in FILES.values() for f in load_facts(Path(cfg.knowledge) / name)}
-    learn, keep = [facts[u] for u in chosen["learn"]], [facts[u] for u in chosen["keep"]]
+    facts = {kind: load_facts(Path(cfg.knowledge) / name) for kind, name in FILES.items()}
+    if chosen.get("fingerprint", {}).get("tasks") != data_digests(facts):
+        raise InputError(f"{cfg.knowledge}: its files are not those the run was trained and filtered on (edited "
+                         f"since?); restore them to re-score the run")
+    learn, keep = picked(chosen, facts, run.root / "filter.json")
     tok = Tokenizer(cfg.tokenizer or find_tokenizer(cfg.model))
     out = {}
     for name, folder in (("θ_0", cfg.model), ("final", run.root / "checkpoints" / "final")):
