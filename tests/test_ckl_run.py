@@ -20,7 +20,7 @@ def settings(out, method="finetune", **kw):
     return KnowledgeConfig(**{**dict(knowledge=str(shared_path("data", "lama-ckl")), out=str(out),
                                      model=str(shared_path("artifacts", "stories260K-hf")), method=method, learn=6,
                                      keep=2, epochs=2, batch_size=3, max_len=48, lr=1e-3, episodes=4, phi_batch=2,
-                                     eval_batch=8), **kw})
+                                     eval_batch=8, recadam_t0=2, recadam_k=1.0, recadam_gamma=10.0), **kw})
 
 
 def flags(cfg):
@@ -57,8 +57,7 @@ CRASHES = {   # method, (class, method, n): the n-th call raises, as a kill at t
 @pytest.mark.parametrize("moment", CRASHES)
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, moment):
     method, cls, name, n = CRASHES[moment]
-    kw = dict(epochs=3, episodes=10, phi_checkpoint_every=3, phi_lora=2 if "LoRA" in moment else 0, recadam_t0=2,
-              recadam_k=1.0, recadam_gamma=10.0)
+    kw = dict(epochs=3, episodes=10, phi_checkpoint_every=3, phi_lora=2 if "LoRA" in moment else 0)
     cut = settings(tmp_path / "cut", method, **kw)
     whole = KnowledgeTrainer(settings(tmp_path / "whole", method, **kw), tmp_path / "whole", "cpu").run_all()
     trainer = KnowledgeTrainer(cut, cut.out, "cpu")
@@ -172,13 +171,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "--method" in err and "finetune" in err
     err = refused(capsys, [*flags(cfg), "--max-len", "100000", "--out", str(tmp_path / "d")])
     assert "--max-len 100000" in err and "512 positions" in err
+    err = refused(capsys, [*flags(cfg), "--method", "recadam", "--lr", "1e-3", "--out", str(tmp_path / "e")])
+    assert "--lr 0.001 with --recadam-gamma 5000: the penalty step lr·γ = 5 overshoots θ_0" in err
 
 
 def test_the_device_defaults_and_a_run_without_nf_facts_reports_none(tmp_path, capsys, monkeypatch):
     """No --device: the CPU where no GPU is visible. Facts θ_0 does not know as NF: NF is null, not a crash."""
     def unknowable(name, rows):
         return rows if name != "invariant_descriptive.jsonl" else [
-            {**r, "object": "Zqxv Wjyk", "task_descriptive": f"{r['subject']} is Zqxv Wjyk ."} for r in rows]
+            {**r, "object": "Zqxv Wjyk", "task_descriptive": f"{r['subject']} is Zqxv Wjyk .",
+             "task_schematic": f"Guess the object. subject is {r['subject']} , object is Zqxv Wjyk"} for r in rows]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = settings(tmp_path / "run", knowledge=str(copy_data(tmp_path, unknowable)), epochs=1)
     sys.path.insert(0, str(ROOT))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import shared_path
-from minseekr.knowledge.baselines import RecAdam, anneal, review_indices, review_pool
-from minseekr.knowledge.lama import Fact, load_facts, probe_ids, score_facts, split, summary
+from minseekr.knowledge.baselines import RecAdam, anneal, review_indices
+from minseekr.knowledge.lama import Fact, held_out, load_facts, probe_ids, score_facts, split, summary
 from minseekr.knowledge.weights import object_mask, oracle_weights, rho1_weights, token_nll, weighted_loss
 from minseekr.runtime import InputError
 
@@ -178,10 +178,12 @@ def test_anneal_is_the_logistic_and_never_overflows():
     assert anneal(0, 10.0, 1000) == 0.0 and anneal(10**6, 0.5, 250) == 1.0
 
 
-def test_mix_review_pools_unevaluated_facts_and_cycles_them_per_batch():
+def test_held_out_facts_share_neither_a_uuid_nor_evidence_with_tl_and_nf_and_review_cycles_per_batch():
     facts = [replace(fact(f"a b {o} .", o, str(n)), evidence=f"doc {o}") for n, o in enumerate("xyz", 1)]
-    same_evidence = Fact("4", "s", "r", "w", "a w .", "s w", facts[0].evidence)   # the benchmark's files share some
-    assert [f.uuid for f in review_pool(facts + [facts[2], same_evidence], {"1"})] == ["2", "3"]
+    tl = Fact("5", "s", "r", "v", "a v .", "s v", "doc v")                      # a TL fact of another file
+    same_evidence = [Fact("4", "s", "r", "w", "a w .", "s w", facts[0].evidence),   # the files share some
+                     Fact("6", "s", "r", "u", "a u .", "s u", tl.evidence)]
+    assert [f.uuid for f in held_out(facts + [facts[2]] + same_evidence, [facts[0], tl])] == ["2", "3"]
     batches = review_indices([4, 4, 2], pool_size=3, ratio=0.5, rng=random.Random(0))
     assert [len(b) for b in batches] == [2, 2, 1]
     flat = [i for b in batches for i in b]

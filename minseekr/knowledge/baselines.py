@@ -1,7 +1,7 @@
 """The continual-knowledge baselines that change what θ trains on, or how it steps, rather than the token weights.
 
     Mix-Review (He et al. 2021)   each batch of documents to learn also carries `ratio` documents per document of
-                                  text the model already knows (`review_pool`), trained alike
+                                  text the model already knows (`review_indices`), trained alike
     RecAdam (Chen et al. 2020)    the objective λ(t)·L_T + (1 − λ(t))·(γ/2)·Σ(θ − θ_0)², λ(t) = 1/(1 + e^{−k(t − t0)}),
                                   its quadratic penalty decoupled from Adam's moments (`RecAdam`)
 """
@@ -9,16 +9,7 @@ import math
 
 import torch
 
-
-def review_pool(facts, evaluated: set) -> list:
-    """Known facts whose documents Mix-Review may replay: none of `evaluated` (the run's TL and NF), and none whose
-    evidence is an evaluated fact's (the benchmark's files share some), each fact once."""
-    seen, evidence, pool = set(evaluated), {f.evidence for f in facts if f.uuid in evaluated}, []
-    for fact in facts:
-        if fact.uuid not in seen and fact.evidence not in evidence:
-            seen.add(fact.uuid)
-            pool.append(fact)
-    return pool
+from minseekr.runtime import InputError
 
 
 def review_indices(n_batches: list[int], pool_size: int, ratio: float, rng) -> list[list[int]]:
@@ -40,6 +31,14 @@ def anneal(t: int, k: float, t0: float) -> float:
     return 0.0 if x > 700 else 1.0 / (1.0 + math.exp(x))   # e^x beyond float range: λ is 0 to double precision
 
 
+def check_recadam(lr: float, gamma: float):
+    """Refuse a learning rate at which RecAdam's penalty step diverges: while λ ≈ 0 it scales θ − θ_0 by
+    1 − lr·γ, overshooting θ_0 further at every step once lr·γ ≥ 2."""
+    if lr * gamma >= 2:
+        raise InputError(f"--lr {lr:g} with --recadam-gamma {gamma:g}: the penalty step lr·γ = {lr * gamma:g} "
+                         f"overshoots θ_0 and diverges (it must be below 2)")
+
+
 class RecAdam:
     """RecAdam over an engine's AdamW (either engine, any world size). Step t: the engine's AdamW step at lr·λ(t),
     its moments from ∇L_T alone (the decoupled weight decay is scaled with it); then, decoupled as in RecAdam,
@@ -47,6 +46,7 @@ class RecAdam:
 
     def __init__(self, engine, k: float = 0.5, t0: float = 250, gamma: float = 5000.0):
         self.engine, self.k, self.t0, self.gamma = engine, k, t0, gamma
+        # Early on (λ ≈ 0) the penalty step alone scales θ − θ_0 by 1 − lr·γ: `check_recadam` refuses lr·γ ≥ 2.
         self.anchor = {name: t.detach().clone() for name, t in engine.state_tensors().items()
                        if name.endswith(".shard")}
 

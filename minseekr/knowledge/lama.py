@@ -98,6 +98,18 @@ def score_facts(model, tok, facts: list[Fact], form: str = "descriptive", batch_
     return scores
 
 
+def held_out(facts: list[Fact], evaluated: list[Fact]) -> list[Fact]:
+    """The facts that a run may train on besides TL (φ's episodes, Mix-Review's documents): none of `evaluated`
+    (TL and NF), none whose evidence document is an evaluated fact's (the benchmark's files share some, variant.jsonl
+    among its own rows), each fact once."""
+    seen, evidence, out = {f.uuid for f in evaluated}, {f.evidence for f in evaluated}, []
+    for fact in facts:
+        if fact.uuid not in seen and fact.evidence not in evidence:
+            seen.add(fact.uuid)
+            out.append(fact)
+    return out
+
+
 def split(facts: list[Fact], scores: list[float]) -> tuple[list[Fact], list[Fact]]:
     """(facts the model scores 0 on: to learn, facts it scores 1 on: not to forget)."""
     return [f for f, s in zip(facts, scores) if s == 0.0], [f for f, s in zip(facts, scores) if s == 1.0]

@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from minseekr.engines.engine import export_hf, load_engine
-from minseekr.knowledge.baselines import RecAdam, review_indices, review_pool
-from minseekr.knowledge.lama import FILES, load_facts, score_facts, split, summary
+from minseekr.knowledge.baselines import RecAdam, check_recadam, review_indices
+from minseekr.knowledge.lama import FILES, held_out, load_facts, score_facts, split, summary
 from minseekr.knowledge.taalm import TrainAttention
 from minseekr.knowledge.weights import oracle_weights, rho1_weights, token_nll, weighted_loss
 from minseekr.network.checkpoint import load_hf
@@ -74,8 +74,8 @@ class KnowledgeConfig:
     learn: int = option(500, "TL facts kept after the filter (0 = every one θ_0 scores 0 on)", check=NONNEGATIVE)
     keep: int = option(500, "NF facts kept after the filter (0 = every one θ_0 scores 1 on)", check=NONNEGATIVE)
     rho_fraction: float = option(0.6, "rho1: the share of each document's tokens trained", check=UNIT)
-    review_ratio: float = option(1.0, "mixreview: review documents per document to learn in each batch (the "
-                                 "authors': 1)", check=POSITIVE)
+    review_ratio: float = option(1.0, "mixreview: review documents per document to learn in each batch, rounded "
+                                 "and at least one (the authors': 1)", check=POSITIVE)
     review_pool: str = option("held-out", "mixreview: what is reviewed: held-out (the evidence of LAMA-ckl facts "
                               "outside TL and NF, text of the kind the model was pre-trained on) or nf (the NF facts' "
                               "own evidence, as the authors' script)", ("held-out", "nf"))
@@ -102,6 +102,8 @@ class KnowledgeConfig:
 
     def __post_init__(self):
         validate(self)
+        if self.method == "recadam":
+            check_recadam(self.lr, self.recadam_gamma)
 
 
 def picked(chosen: dict, facts: dict, file) -> list[list]:
@@ -190,10 +192,9 @@ class KnowledgeTrainer:
                    f"{len(chosen['keep'])} NF")
         return picked(chosen, self.facts, file)
 
-    def phi(self, evaluated: set, rewind: bool) -> TrainAttention:
-        """taalm's φ (`phi.py`), meta-learned on facts outside `evaluated`."""
-        pool = [f for kind in ("variant", "schematic", "descriptive") for f in self.facts[kind]
-                if f.uuid not in evaluated]
+    def phi(self, evaluated: list, rewind: bool) -> TrainAttention:
+        """taalm's φ (`phi.py`), meta-learned on facts held out from `evaluated` (TL and NF, and their evidence)."""
+        pool = held_out([f for kind in ("variant", "schematic", "descriptive") for f in self.facts[kind]], evaluated)
         return train_phi(self.cfg, self.run, self.tok, pool, self.device, self.rank, self.log, rewind,
                          (self.fingerprint, self.held_to))
 
@@ -228,7 +229,7 @@ class KnowledgeTrainer:
                 curves, start = state["curves"], state["epoch"]
             if resume and self.rank == 0 and (point or cfg.method != "taalm"):
                 self.run.rewind_log(state if point else None)
-            phi = self.phi({f.uuid for f in learn + keep}, resume and not point) if cfg.method == "taalm" else None
+            phi = self.phi(learn + keep, resume and not point) if cfg.method == "taalm" else None
             if not curves["tl"]:
                 curves = {"tl": [self.accuracy(learn)], "nf": [self.accuracy(keep)]}
                 self.log({"epoch": 0, "tl": curves["tl"][0], "nf": curves["nf"][0]})
@@ -263,12 +264,12 @@ class KnowledgeTrainer:
 
     def review(self, learn, keep):
         """Mix-Review's documents: held-out known facts' evidence, or the NF facts' own (`--review-pool nf`)."""
-        facts = keep if self.cfg.review_pool == "nf" else review_pool(
-            self.facts["schematic"] + self.facts["descriptive"], {f.uuid for f in learn + keep})
+        facts = keep if self.cfg.review_pool == "nf" else held_out(
+            self.facts["schematic"] + self.facts["descriptive"], learn + keep)
         if not facts:
             raise InputError(f"--review-pool {self.cfg.review_pool}: no document to review")
         print0(f"mix-review: {len(facts)} documents to review ({self.cfg.review_pool}), {self.cfg.review_ratio:g} "
-               f"per document to learn in each batch")
+               f"per document to learn in each batch (rounded, at least one)")
         return documents(self.tok, facts, self.cfg)
 
     def export(self):
