@@ -114,11 +114,12 @@ def train_phi(cfg, run, tok, pool, device, rank: int, log, rewind: bool, held) -
         held_to(meta["fingerprint"], final)
         if rewind and rank == 0:
             run.rewind_log(meta["log"])
+            point.unlink(missing_ok=True)   # a kill between writing φ and removing its last point left it
         return phi.eval()
     pool = list(pool)
     random.Random(f"{cfg.seed}-phi").shuffle(pool)
     if len(pool) < cfg.episodes:
-        raise InputError(f"--episodes {cfg.episodes}: only {len(pool)} facts lie outside TL and NF")
+        raise InputError(f"--episodes {cfg.episodes}: only {len(pool)} facts are held out from TL and NF")
     episodes = [episode(tok, f, cfg.max_len) for f in pool[:cfg.episodes]]
     learner = inner_learner(cfg, device)
     optimiser = torch.optim.AdamW(trained(phi).values(), lr=cfg.phi_lr, betas=(0.9, 0.999), weight_decay=0.01)
