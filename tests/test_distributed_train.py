@@ -45,4 +45,6 @@ def test_two_rank_seekr_run_equals_the_single_process_run(setup, tmp_path, fsdp)
         assert a == b
     final_one, final_two = (load_hf(tmp_path / run / "checkpoints" / "task02") for run in ("one", "two"))
     for (name, p), q in zip(final_one.state_dict().items(), final_two.state_dict().values()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+        # Two ranks sum in another order; over the run's steps that moves an entry near 0 by about 1e-6 (1.4e-6
+        # measured on an Intel Xeon's kernels, below 1e-6 on an AMD EPYC's). A scaling slip moves them by far more.
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -148,7 +148,8 @@ def test_an_attached_method_chooses_from_the_context_as_at_generation(pair, root
             logp = model(torch.tensor([ids]), torch.ones(1, k + len(ids), dtype=torch.long),
                          prefix=prefix)[0, k:].double().log_softmax(-1)
         expected = sum(float(logp[len(ids) - n - 1 + i, t]) for i, t in enumerate(ids[-n:]))
-        assert value == pytest.approx(expected, abs=2e-4)
+        # float32 sums of about 180 nats in another batch shape: a few parts in 1e6 (2.1e-4 on an Intel Xeon)
+        assert value == pytest.approx(expected, rel=1e-5, abs=2e-4)
         assert abs(value - without) > 1e-2   # the method took part
 
 

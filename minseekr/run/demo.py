@@ -10,8 +10,10 @@ when matplotlib is installed.
 
 The numbers are those of one kernel path: ATen's AVX512 kernels sum in another order than its AVX2 ones, and over
 the demo's thousand-odd steps that moves a single seed's OP by up to 30 points. So the demo pins AVX2
-(`pin_kernel_path`), where the README's numbers were printed, and says so when it cannot. The demo never replaces
-an earlier demo's output: it stops and asks for another --out.
+(`pin_kernel_path`), where the README's numbers were printed, and says so when it cannot. MKL, behind every
+matmul, picks its own kernels by the CPU's vendor even when capped at AVX2: the README's numbers are an AMD CPU's,
+and the demo says so on another vendor's. The demo never replaces an earlier demo's output: it stops and asks for
+another --out.
 """
 import copy
 import hashlib
@@ -47,6 +49,7 @@ SETTINGS = dict(lr=1e-3, weight_decay=0.0, batch_size=32, epochs=[10], max_len=3
                 lambda2=10.0, layer_budget=2, head_budget=4, query_budget=12, eval_samples=200, max_new_tokens=8)
 N_TRAIN, N_TEST = 500, 200
 KERNELS = "AVX2"   # ATen's CPU kernel path of the README's numbers; other paths round differently (module docstring)
+VENDOR = "AuthenticAMD"   # the CPU vendor of the README's numbers: MKL's kernels differ by vendor (module docstring)
 # The parameter-efficient methods (#13) train only their own parameters on the frozen θ_0, with their own defaults
 # (pseudo-samples: --replay-ratio, 50 per task) and these learning rates: the authors' for O-LoRA (1e-3; 3e-3 and
 # 1e-2 did worse on seed 100) and PP (0.3); for the others one of two tried on seed 100, where every one of them
@@ -55,21 +58,35 @@ PET_SETTINGS = {"olora": dict(lr=1e-3), "pp": dict(lr=0.3), "l2p": dict(lr=3e-2)
                 "sapt": dict(lr=1e-3)}
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux names it (AuthenticAMD, GenuineIntel), or "" where /proc/cpuinfo does not say."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+
+
 def pin_kernel_path() -> str:
     """ATen's CPU kernel path for this process: AVX2 where the CPU has it, unless ATEN_CPU_CAPABILITY names another.
     ATen reads that variable at the process's first CPU kernel and never again, so after one this only reports."""
     if torch.cpu._is_avx2_supported():      # a forced AVX2 path on a CPU without it would die of illegal instructions
         os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-        # MKL, behind every matmul, dispatches on its own (to AVX512 kernels on Intel CPUs that have them); it reads
-        # this at its first call. Capped alike: no change on the AMD EPYC we measured on; unmeasured on Intel CPUs.
+        # MKL, behind every matmul, dispatches on its own (to AVX512 kernels where the CPU has them); it reads these
+        # at its first call. Capped alike. On Intel CPUs its AVX2 branch in reproducible mode gives the same results
+        # on every one of them (Intel's documentation; here it equals the capped default on a Xeon), but not on other
+        # vendors', where it falls back to its own dispatch: it is set on Intel CPUs only, so AMD's numbers stay.
         os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+        if cpu_vendor() == "GenuineIntel":
+            os.environ.setdefault("MKL_CBWR", "AVX2")
     return torch.backends.cpu.get_cpu_capability()
 
 
 def fingerprint(base: dict, model: dict, device: str) -> str:
     """What θ_0 is a function of: its settings, the model's shape, the device, the package's code, torch's version
     and the CPU kernel path in use."""
-    kernels = [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS", "")]
+    kernels = [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+               os.environ.get("MKL_CBWR", ""), cpu_vendor()]
     digest = hashlib.sha256(json.dumps([base, model, device, torch.__version__, kernels], sort_keys=True).encode())
     package = Path(__file__).resolve().parents[1]
     for source in sorted(package.rglob("*.py")):
@@ -150,6 +167,10 @@ def run(out: Path, seeds: list[int], methods: list[str], typed: dict, fsdp="mins
                "this process ran a CPU kernel before the demo, and ATen keeps its first path")
         print0(f"note: the demo computes on ATen's {kernels} CPU kernels, not {KERNELS} ({why}); its numbers will "
                f"differ from the README's, a single seed's OP by up to 30 points")
+    elif cpu_vendor() != VENDOR:
+        print0(f"note: this CPU's vendor is {cpu_vendor() or 'unknown'}, not {VENDOR}, on whose CPU the README's "
+               f"numbers were printed; MKL picks its matmul kernels by vendor, so the numbers will differ from the "
+               f"README's as on another kernel path")
     theta0, tok = base_model(root / "weights" / "demo", base, device=device)
     results = {}
     for seed in seeds:
