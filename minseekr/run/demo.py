@@ -72,10 +72,9 @@ def pin_kernel_path() -> str:
     ATen reads that variable at the process's first CPU kernel and never again, so after one this only reports."""
     if torch.cpu._is_avx2_supported():      # a forced AVX2 path on a CPU without it would die of illegal instructions
         os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-        # MKL, behind every matmul, dispatches on its own (to AVX512 kernels where the CPU has them); it reads these
-        # at its first call. Capped alike. On Intel CPUs its AVX2 branch in reproducible mode gives the same results
-        # on every one of them (Intel's documentation; here it equals the capped default on a Xeon), but not on other
-        # vendors', where it falls back to its own dispatch: it is set on Intel CPUs only, so AMD's numbers stay.
+        # MKL, behind every matmul, dispatches on its own and reads these at its first call: capped at AVX2 too, and
+        # on Intel CPUs put in its reproducible mode, the same results on every Intel CPU with AVX2 (Intel's
+        # documentation). On other vendors' that mode falls back to MKL's own dispatch, so it is left unset there.
         os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
         if cpu_vendor() == "GenuineIntel":
             os.environ.setdefault("MKL_CBWR", "AVX2")
@@ -83,8 +82,8 @@ def pin_kernel_path() -> str:
 
 
 def fingerprint(base: dict, model: dict, device: str) -> str:
-    """What θ_0 is a function of: its settings, the model's shape, the device, the package's code, torch's version
-    and the CPU kernel path in use."""
+    """What θ_0 is a function of: its settings, the model's shape, the device, the package's code, torch's version,
+    the CPU kernel path in use and the CPU's vendor (MKL's kernels)."""
     kernels = [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
                os.environ.get("MKL_CBWR", ""), cpu_vendor()]
     digest = hashlib.sha256(json.dumps([base, model, device, torch.__version__, kernels], sort_keys=True).encode())
@@ -167,10 +166,9 @@ def run(out: Path, seeds: list[int], methods: list[str], typed: dict, fsdp="mins
                "this process ran a CPU kernel before the demo, and ATen keeps its first path")
         print0(f"note: the demo computes on ATen's {kernels} CPU kernels, not {KERNELS} ({why}); its numbers will "
                f"differ from the README's, a single seed's OP by up to 30 points")
-    elif cpu_vendor() != VENDOR:
-        print0(f"note: this CPU's vendor is {cpu_vendor() or 'unknown'}, not {VENDOR}, on whose CPU the README's "
-               f"numbers were printed; MKL picks its matmul kernels by vendor, so the numbers will differ from the "
-               f"README's as on another kernel path")
+    elif (vendor := cpu_vendor()) != VENDOR:
+        print0(f"note: this CPU's vendor is {vendor or 'unknown'}, not {VENDOR}, whose CPU printed the README's "
+               f"numbers; MKL picks its matmul kernels by vendor, so the numbers will differ from the README's")
     theta0, tok = base_model(root / "weights" / "demo", base, device=device)
     results = {}
     for seed in seeds:
