@@ -73,7 +73,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, moment):
         cut_phi, whole_phi = (tmp_path / run / "phi.safetensors" for run in ("cut", "whole"))
         assert safe_open(str(cut_phi), "pt").metadata() == safe_open(str(whole_phi), "pt").metadata()
         a, b = load_file(cut_phi), load_file(whole_phi)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "cut" / "resume" / "phi.safetensors").exists()
     a, b = (load_hf(tmp_path / run / "checkpoints" / "final") for run in ("whole", "cut"))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
